@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference implementations: readable ground truth and the fallback backend."""

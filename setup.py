@@ -1,0 +1,72 @@
+"""Packaging for oodkernels.
+
+Nothing is compiled at install time unless ``OODKERNELS_BUILD_EXT=1`` is set (then install with
+``--no-build-isolation`` so the build sees the installed torch). Otherwise the C++ CPU extension in
+``csrc/`` is built on first use and cached (see ``oodkernels/_cpp.py``).
+"""
+
+import os
+
+from setuptools import find_packages
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def version():
+    for line in read("oodkernels/__init__.py").splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("oodkernels/__init__.py: no __version__")
+
+
+def extensions():
+    """The ahead-of-time C++ build, only on request."""
+    if os.environ.get("OODKERNELS_BUILD_EXT", "0") != "1":
+        return [], {}
+    import glob
+
+    from torch.utils.cpp_extension import BuildExtension
+    from torch.utils.cpp_extension import CppExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        raise RuntimeError("OODKERNELS_BUILD_EXT=1 but csrc/ holds no C++ sources yet")
+    ext = CppExtension("oodkernels._C", sources, extra_compile_args=["-O3"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="oodkernels",
+    version=version(),
+    description="Fused, exact, drop-in kernels for out-of-distribution detection training objectives",
+    long_description=read("README.md"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["oodkernels", "oodkernels.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton; platform_system == 'Linux'",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist", "hypothesis", "scipy", "ruff"],
+        "demo": ["scikit-learn", "tqdm", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
