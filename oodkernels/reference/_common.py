@@ -12,6 +12,8 @@ is still attached to the inputs (its gradient is exactly 0).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 from typing import Optional
 from typing import Sequence
@@ -40,6 +42,52 @@ class LabelOutOfRangeError(IndexError, ValueError):
     ``IndexError`` is what pytorch-ood (through ``torch.nn.functional.cross_entropy``) raises;
     ``ValueError`` is what oodkernels promises for bad inputs.
     """
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata (LOSS_CONTRACT.md §2.9 and §6)
+# ----------------------------------------------------------------------------------------------
+
+
+class Task(str, Enum):
+    """Granularity at which entries are labelled ID or OOD."""
+
+    CLASSIFICATION = "classification"  # one label per sample, logits (B, C)
+    SEGMENTATION = "segmentation"  # one label per pixel, logits (B, C, H, W)
+
+
+class Representation(str, Enum):
+    """What a criterion is applied to."""
+
+    LOGITS = "logits"
+    FEATURES = "features"
+    DISTANCES = "distances"
+    CONFIDENCE = "confidence"
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The publication that introduced an objective."""
+
+    title: str
+    venue: str
+    year: int
+    url: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """Metadata of a criterion: the tasks it supports, what it is applied to, and whether it takes
+    example outliers (targets < 0) during training (``supervised``)."""
+
+    tasks: frozenset
+    inputs: frozenset
+    supervised: bool
+    paper: Optional[Paper] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", frozenset(self.tasks))
+        object.__setattr__(self, "inputs", frozenset(self.inputs))
 
 
 # ----------------------------------------------------------------------------------------------
