@@ -15,9 +15,9 @@ Only torch is imported here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 from typing import Optional
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -78,7 +78,8 @@ def assert_close(
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
         rows.append(f"  at {index}: got {a.reshape(-1)[flat].item():.10g}, expected {e.reshape(-1)[flat].item():.10g}")
     raise AssertionError(
-        f"{name}: {int(bad.sum())} of {a.numel()} entries differ beyond atol={atol:g}, rtol={rtol:g}\n" + "\n".join(rows)
+        f"{name}: {int(bad.sum())} of {a.numel()} entries differ beyond atol={atol:g}, rtol={rtol:g}\n"
+        + "\n".join(rows)
     )
 
 

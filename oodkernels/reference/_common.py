@@ -12,11 +12,11 @@ is still attached to the inputs (its gradient is exactly 0).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 from typing import Optional
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -146,8 +146,7 @@ def check_targets(name: str, targets) -> None:
         raise TypeError(f"{name}: expected an integer tensor of class labels, got {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(
-            f"{name}: expected an integer tensor of class labels (int64; negative labels mark OOD), "
-            f"got {targets.dtype}"
+            f"{name}: expected an integer tensor of class labels (int64; negative labels mark OOD), got {targets.dtype}"
         )
 
 

@@ -5,8 +5,8 @@ Squared Euclidean distances are always formed by expansion and clamped at zero::
     P_nm = max(0, ‖x_n‖² + ‖y_m‖² − 2⟨x_n, y_m⟩)          x: (N, D), y: (M, D) -> P: (N, M)
 
 never as ``Σ(x − y)²``. The float32 cancellation of the expansion is part of the contract:
-``x = (1000, 1000)``, ``y = (1000.001, 1000)`` give ``0.0`` (exact value 9.5e-7), and the clamp
-then zeroes the gradient.
+``x = (1000, 1000)``, ``y = (1000.001, 1000)`` give ``0.0`` (exact value 9.5e-7). The gradient is
+zero only where the raw expansion is negative; at exactly 0 ``torch.clamp`` passes it through.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def pairwise_distances(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         return sq_distances(x, x)
     check_floating("y", y)
     if y.dim() != 2 or y.shape[1] != x.shape[1]:
-        raise ShapeError(f"y: expected shape (M, {x.shape[1]}) to match x of shape {tuple(x.shape)}, got {tuple(y.shape)}")
+        raise ShapeError(
+            f"y: expected shape (M, {x.shape[1]}) to match x of shape {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
     check_same_device(x=x, y=y)
     return sq_distances(x, y)
 
@@ -68,7 +70,8 @@ def class_means(
     :param targets: (N,) labels in ``[0, n_classes)`` where ``valid`` (other rows are ignored)
     :param valid: (N,) boolean mask of the rows to use; default all
     :param dtype: dtype of the sums (default ``x.dtype``)
-    :return: ``(means (K, D), counts (K,))``; rows of absent classes are NaN (0/0), counts in ``dtype``
+    :return: ``(means (K, D), counts (K,))``; rows of absent classes are NaN, counts in ``dtype``.
+        The NaN rows are selected, not computed as 0/0, so they send no NaN into the gradient.
     """
     dtype = x.dtype if dtype is None else dtype
     xs = x.to(dtype)
@@ -79,7 +82,9 @@ def class_means(
         xs = xs * weight.unsqueeze(1)
     sums = torch.zeros((n_classes, x.shape[1]), dtype=dtype, device=x.device).index_add(0, index, xs)
     counts = torch.zeros((n_classes,), dtype=dtype, device=x.device).index_add(0, index, weight)
-    return sums / counts.unsqueeze(1), counts
+    present = (counts > 0).unsqueeze(1)
+    means = torch.where(present, sums / counts.clamp(min=1).unsqueeze(1), torch.full_like(sums, float("nan")))
+    return means, counts
 
 
 class ClassCenters(nn.Module):
@@ -178,12 +183,16 @@ class RunningCenters(nn.Module):
         means, _ = class_means(embeddings, target, self.num_classes, dtype=acc)
         return means.to(embeddings.dtype)
 
-    def update_from_means(self, means: Tensor, present: Tensor) -> None:
-        """Fold batch means (K, D) of the ``present`` classes (K,) into the running estimates, in place."""
+    def update_from_means(self, means: Tensor, present: Tensor, advance: Optional[Tensor] = None) -> None:
+        """Fold batch means (K, D) of the ``present`` classes (K,) into the running estimates, in place.
+
+        The batch count grows by ``advance`` (default 1; a 0-d device tensor keeps a data-dependent
+        step on the device, e.g. IILoss does not count a batch without ID rows).
+        """
         n = self.num_batches_tracked
         blended = (means.detach().to(torch.float32) + self.running_centers * n) / (n + 1)
         self.running_centers.copy_(torch.where(present.unsqueeze(1), blended, self.running_centers))
-        self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(1 if advance is None else advance.to(n.dtype))
 
     def update(self, x: Tensor, target: Tensor) -> Tensor:
         """Update the running centers with a batch of ID embeddings; returns the batch means (K, D).
