@@ -1,0 +1,104 @@
+"""Post-hoc OOD scores of logits (LOSS_CONTRACT.md §4). Higher means more OOD.
+
+Classes are on dim 1: logits (B, C) give (B,) scores, segmentation logits (B, C, H, W) give
+(B, H, W), and a per-pixel score equals the score of the flattened pixels.
+
+=====================================  ===================================================
+``energy(logits, t=1.0)``              ``−t · lse(f / t)``
+``max_softmax(logits, t=1.0)``         ``−max_c σ(f / t)_c``
+``max_logit(logits)``                  ``−max_c f_c``
+``entropy(logits)``                    ``−Σ_c p_c log p_c`` with ``p = clamp(σ(f), 1e-7, 1)``
+``weighted_energy(logits, weights)``   ``−(m + log Σ_c relu(w_c) · exp(f_c − m))``, ``m = max_c f_c``
+=====================================  ===================================================
+
+The first four accept any rank >= 2, as pytorch-ood does; ``weighted_energy`` accepts (B, C) and
+(B, C, H, W) only. The scores compute in float32 (float64 for float64 input) and return the dtype
+of the logits (fix d); they leave grad mode alone and never read device values on the host.
+``weighted_energy`` subtracts the row maximum before exponentiating (fix g), so large logits do not
+overflow; with every weight <= 0 it is ``+inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import ShapeError
+from ._common import check_floating
+from ._common import result_dtypes
+
+__all__ = ["energy", "max_softmax", "max_logit", "entropy", "weighted_energy"]
+
+ENTROPY_CLAMP = 1e-7
+
+
+def _logits_in_compute_dtype(logits, ranks=None) -> tuple[Tensor, torch.dtype]:
+    """Check ``logits`` and return them upcast to the compute dtype, with the output dtype."""
+    check_floating("logits", logits)
+    if ranks is not None and logits.dim() not in ranks:
+        raise ValueError(f"Unsupported input shape: {logits.shape}")
+    if logits.dim() < 2:
+        raise ShapeError(
+            f"logits: expected shape (B, C) or (B, C, H, W) with classes on dim 1, got {tuple(logits.shape)}"
+        )
+    out, acc = result_dtypes(logits)
+    return logits.to(acc), out
+
+
+def energy(logits: Tensor, t: float = 1.0) -> Tensor:
+    """Energy score ``−t · lse(f / t)``: (B, C) -> (B,), (B, C, H, W) -> (B, H, W).
+
+    :param logits: logits with classes on dim 1
+    :param t: temperature T
+    """
+    f, out = _logits_in_compute_dtype(logits)
+    return (-t * torch.logsumexp(f / t, dim=1)).to(out)
+
+
+def max_softmax(logits: Tensor, t: float = 1.0) -> Tensor:
+    """Negative maximum softmax probability ``−max_c σ(f / t)_c``: (B, C) -> (B,), (B, C, H, W) -> (B, H, W).
+
+    :param logits: logits with classes on dim 1
+    :param t: temperature T
+    """
+    f, out = _logits_in_compute_dtype(logits)
+    return (-torch.softmax(f / t, dim=1).max(dim=1).values).to(out)
+
+
+def max_logit(logits: Tensor) -> Tensor:
+    """Negative maximum logit ``−max_c f_c``: (B, C) -> (B,), (B, C, H, W) -> (B, H, W)."""
+    f, out = _logits_in_compute_dtype(logits)
+    return (-f.max(dim=1).values).to(out)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax ``−Σ_c p_c log p_c`` with ``p = clamp(σ(f), 1e-7, 1)``.
+
+    The clamped ``p`` appears in both factors (as in pytorch-ood). (B, C) -> (B,), (B, C, H, W) -> (B, H, W).
+    """
+    f, out = _logits_in_compute_dtype(logits)
+    p = torch.softmax(f, dim=1).clamp(ENTROPY_CLAMP, 1.0)
+    return (-(p * p.log()).sum(dim=1)).to(out)
+
+
+def weighted_energy(logits: Tensor, weights: Tensor) -> Tensor:
+    """Weighted energy (VOS) ``−(m + log Σ_c relu(w_c) · exp(f_c − m))`` with ``m = max_c f_c`` (fix g).
+
+    :param logits: (B, C) or (B, C, H, W); any other rank raises ``ValueError("Unsupported input shape: ...")``
+    :param weights: class weights of shape (C,) or (1, C), e.g. ``nn.Linear(C, 1).weight``; moved to the
+        device of the logits, negative entries act as 0
+    :return: (B,) or (B, H, W) in the dtype of the logits; ``+inf`` where every weight is <= 0
+    """
+    f, out = _logits_in_compute_dtype(logits, ranks=(2, 4))
+    check_floating("weights", weights)
+    n_classes = f.shape[1]
+    if tuple(weights.shape) not in ((n_classes,), (1, n_classes)):
+        raise ShapeError(
+            f"weights: expected shape ({n_classes},) or (1, {n_classes}) to match logits of shape "
+            f"{tuple(logits.shape)}, got {tuple(weights.shape)}"
+        )
+    w = weights.to(device=f.device, dtype=f.dtype).reshape((1, n_classes) + (1,) * (f.dim() - 2)).relu()
+    # the shift m cancels exactly in value and gradient; detaching it keeps it out of the backward pass
+    m = f.amax(dim=1, keepdim=True).detach()
+    scaled_sum = (w * torch.exp(f - m)).sum(dim=1)
+    return (-(m.squeeze(1) + torch.log(scaled_sum))).to(out)
