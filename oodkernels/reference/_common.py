@@ -218,6 +218,33 @@ def gather_target_logit(rows: Tensor, targets: Tensor) -> Tensor:
     return torch.where(targets >= n_classes, torch.full_like(picked, float("nan")), picked)
 
 
+def row_cross_entropy(rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(CE(f_i, y_i), lse(f_i))`` per row of ``rows`` (N, C): ``CE = lse − f_{i, y_i}``.
+
+    Rows with ``y < 0`` get an arbitrary finite CE (callers mask them); ``y >= C`` gives NaN.
+    """
+    lse = torch.logsumexp(rows, dim=1)
+    return lse - gather_target_logit(rows, targets), lse
+
+
+def row_uniform_cross_entropy(rows: Tensor, lse: Tensor) -> Tensor:
+    """``U(f_i) = lse(f_i) − (1/C)·Σ_c f_ic``, the cross-entropy of row ``i`` to the uniform distribution."""
+    return lse - rows.mean(dim=1)
+
+
+def weighted_energy_of(logits: Tensor, weight: Tensor) -> Tensor:
+    """Weighted energy ``E_w(f) = −(m + log Σ_c relu(w_c)·exp(f_c − m))``, ``m = max_c f_c``, over dim 1.
+
+    :param logits: (N, C, *S) in the compute dtype
+    :param weight: C class weights, broadcastable against ``logits`` along dim 1 (e.g. (1, C) for 2-D)
+    :return: (N, *S); ``+inf`` where every weight is <= 0
+    """
+    # the shift m cancels exactly in value and gradient; detaching it keeps it out of the backward pass
+    m = logits.amax(dim=1, keepdim=True).detach()
+    scaled_sum = (torch.relu(weight.to(logits.dtype)) * torch.exp(logits - m)).sum(dim=1)
+    return -(m.squeeze(1) + torch.log(scaled_sum))
+
+
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """``Σ_{mask} values`` with exact zeros (and zero gradients) outside the mask."""
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
@@ -258,13 +285,12 @@ def in_eager_mode(*tensors: Optional[Tensor]) -> bool:
     """False while compiling, tracing (jit or fx), capturing a CUDA graph, or on fake tensors."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    try:
-        from torch.fx._symbolic_trace import is_fx_tracing
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        if is_fx_tracing():
-            return False
+    try:  # symbolic tracing only: torch.export and Dynamo are covered by is_compiling()
+        from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+    except ImportError:  # pragma: no cover - older torch
+        is_fx_symbolic_tracing = None
+    if is_fx_symbolic_tracing is not None and is_fx_symbolic_tracing():
+        return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     return not any(isinstance(t, Tensor) and _is_fake(t) for t in tensors)

@@ -28,10 +28,10 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_same_device
 from ._common import check_targets
-from ._common import gather_target_logit
 from ._common import id_mask_with_warning
 from ._common import masked_mean
 from ._common import result_dtypes
+from ._common import row_cross_entropy
 
 __all__ = ["ConfidenceLoss", "confidence_loss"]
 
@@ -58,7 +58,7 @@ def _confidence_loss(
     f = logits.to(acc)
     c = confidence.reshape(batch).to(acc)
     # p_y = exp(f_y − lse(f)); NaN for labels >= C (checks off), ignored values at OOD rows
-    p_target = torch.exp(gather_target_logit(f, targets) - torch.logsumexp(f, dim=1))
+    p_target = torch.exp(-row_cross_entropy(f, targets)[0])
     nll = -torch.log((c * p_target + (1.0 - c)).clamp(eps, 1.0))
     conf = -torch.log(c.clamp(eps, 1.0))
     loss = masked_mean(nll, is_id) + alpha * masked_mean(conf, is_id)

@@ -38,11 +38,13 @@ from ._common import id_mask_with_warning
 from ._common import masked_mean
 from ._common import masked_sum
 from ._common import result_dtypes
+from ._common import row_cross_entropy
 from ._common import select_id_rows
 from .centers import ClassCenters
 from .centers import RunningCenters
 from .centers import class_means
 from .centers import sq_distances
+from .logits import CrossEntropyLoss
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +526,7 @@ def _mchad(
 
     d_id = torch.where(is_id.unsqueeze(1), d, zero)
     center = _center_term(d_id, targets, is_id, radius)
-    nll_rows = torch.logsumexp(-d_id, dim=1) + gather_target_logit(d_id, targets)  # CE(−d_i, y_i)
+    nll_rows, _ = row_cross_entropy(-d_id, targets)  # CE(−d_i, y_i)
     nll = masked_mean(nll_rows, is_id)
 
     m = margin.to(device=distmat.device, dtype=acc) if isinstance(margin, Tensor) else margin
@@ -566,31 +568,6 @@ def mchad_distance_loss(
     return _mchad(
         distances, targets, radius, margin, weight_center, weight_nll, weight_oe, None, "distances", "targets"
     )
-
-
-class _MaskedCrossEntropy(nn.Module):
-    """Stand-in for the ``nll_loss`` submodule (pytorch-ood's CrossEntropyLoss('mean')): no state.
-
-    ``forward(logits, targets)`` is the cross-entropy averaged over the rows with ``targets >= 0``.
-    """
-
-    def __init__(self, reduction: Optional[str] = "mean"):
-        super().__init__()
-        check_reduction(reduction)
-        self.reduction = reduction
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        _check_distance_input(logits, targets, None, "logits", "targets", one_dim_targets_error=True)
-        out, acc = result_dtypes(logits)
-        checks = DataChecks(logits, targets)
-        checks.check_labels_below(targets, logits.shape[1], "targets")
-        is_id = targets >= 0
-        f = torch.where(is_id.unsqueeze(1), logits.to(acc), torch.zeros((), dtype=acc, device=logits.device))
-        rows = torch.logsumexp(f, dim=1) - gather_target_logit(f, targets)
-        rows = torch.where(is_id, rows, torch.zeros_like(rows))
-        value = masked_mean(rows, is_id) if self.reduction == "mean" else apply_reduction(rows, self.reduction)
-        checks.flush()
-        return value.to(out)
 
 
 class CenterRegularizationLoss(nn.Module):
@@ -667,7 +644,7 @@ class MCHADLoss(nn.Module):
         """
         super().__init__()
         self.center_loss = CenterLoss(n_classes=n_classes, n_dim=n_dim, radius=radius)
-        self.nll_loss = _MaskedCrossEntropy(reduction="mean")
+        self.nll_loss = CrossEntropyLoss(reduction="mean")
         self.regu_loss = CenterRegularizationLoss(margin=margin, reduction="sum")
         self.weight_center = weight_center
         self.weight_nll = weight_nll

@@ -29,8 +29,8 @@ from ._common import Task
 from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_targets
-from ._common import gather_target_logit
 from ._common import result_dtypes
+from ._common import row_cross_entropy
 
 __all__ = ["EnergyMarginLoss"]
 
@@ -160,7 +160,7 @@ class EnergyMarginLoss(nn.Module):
         eta = self._buffer("eta", acc)
         zero = torch.zeros((), dtype=acc, device=rows.device)
 
-        energy = torch.logsumexp(rows, dim=1)
+        ce_rows, energy = row_cross_entropy(rows, targets)
         phi = _call_phi(logistic_regression, torch.where(is_id, energy, energy - eta).unsqueeze(1))
         width = phi.shape[1]
         id_rows = is_id.unsqueeze(1)
@@ -169,7 +169,7 @@ class EnergyMarginLoss(nn.Module):
         n_ood = (~is_id).sum().to(acc)
         loss_in = torch.where(id_rows, torch.sigmoid(phi), zero).sum() / (n_id * width)
         loss_out = torch.where(id_rows, zero, torch.sigmoid(-phi)).sum() / (n_ood * width)
-        ce = torch.where(is_id, torch.logsumexp(rows, dim=1) - gather_target_logit(rows, targets), zero)
+        ce = torch.where(is_id, ce_rows, zero)
         loss_ce = ce.sum() / n_id
 
         c1 = loss_in - self._buffer("false_alarm_cutoff", acc)

@@ -46,11 +46,12 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_targets
-from ._common import gather_target_logit
 from ._common import id_mask_with_warning
 from ._common import masked_mean
 from ._common import masked_sum
 from ._common import result_dtypes
+from ._common import row_cross_entropy
+from ._common import row_uniform_cross_entropy
 from ._common import select_id_rows
 
 __all__ = [
@@ -101,12 +102,6 @@ def _rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, torch.dtype]
     return rows.to(acc), flat, out
 
 
-def _cross_entropy_rows(rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``(CE(f_i, y_i), lse(f_i))`` per row; CE is arbitrary (finite) for ``y < 0`` and NaN for ``y >= C``."""
-    lse = torch.logsumexp(rows, dim=1)
-    return lse - gather_target_logit(rows, targets), lse
-
-
 def _per_entry(values: Tensor, targets: Tensor, out: torch.dtype) -> Tensor:
     """A per-row result in the targets' shape and the output dtype."""
     return values.reshape(targets.shape).to(out)
@@ -135,7 +130,7 @@ def _split_reduction(id_values: Tensor, ood_values: Tensor, is_id: Tensor, targe
 def _masked_cross_entropy(logits: Tensor, targets: Tensor, reduction, checks: DataChecks) -> Tensor:
     rows, flat, out = _rows(logits, targets)
     checks.check_labels_below(flat, rows.shape[1])
-    ce, _ = _cross_entropy_rows(rows, flat)
+    ce, _ = row_cross_entropy(rows, flat)
     is_id = flat >= 0
     if reduction == "mean":
         return masked_mean(ce, is_id).to(out)
@@ -267,7 +262,7 @@ def background_class_loss(logits: Tensor, targets: Tensor, n_classes: int, reduc
     rows, flat, out = _rows(logits, targets)
     remapped = torch.where(flat < 0, torch.full_like(flat, n_classes), flat)
     checks.check_labels_below(remapped, rows.shape[1], name="targets (OOD entries mapped to the background class)")
-    ce, _ = _cross_entropy_rows(rows, remapped)
+    ce, _ = row_cross_entropy(rows, remapped)
     if reduction == "none":
         loss = _per_entry(ce, targets, out)
     else:
@@ -320,8 +315,8 @@ def _ce_or_uniform(logits: Tensor, targets: Tensor, alpha: float, reduction) -> 
     checks = DataChecks(logits, targets)
     rows, flat, out = _rows(logits, targets)
     checks.check_labels_below(flat, rows.shape[1], name="target")
-    ce, lse = _cross_entropy_rows(rows, flat)
-    uniform = lse - rows.mean(dim=1)
+    ce, lse = row_cross_entropy(rows, flat)
+    uniform = row_uniform_cross_entropy(rows, lse)
     per_entry = torch.where(flat >= 0, ce, alpha * uniform)
     if reduction is None or reduction == "none":
         loss = _per_entry(per_entry, targets, out)
@@ -446,7 +441,7 @@ def _group_terms(logits: Tensor, targets: Tensor, reduction, name: str = "target
     checks = DataChecks(logits, targets)
     rows, flat, out = _rows(logits, targets)
     checks.check_labels_below(flat, rows.shape[1], name=name)
-    ce, lse = _cross_entropy_rows(rows, flat)
+    ce, lse = row_cross_entropy(rows, flat)
     return checks, rows, flat, out, ce, lse, flat >= 0
 
 
@@ -705,7 +700,7 @@ def logit_norm_loss(logits: Tensor, target: Tensor, t: float = 1.0, reduction: s
     out, acc = result_dtypes(logits)
     rows = logits.to(acc)
     norm = torch.linalg.vector_norm(rows, ord=2, dim=1, keepdim=True) + 1e-7
-    ce, _ = _cross_entropy_rows(rows / (t * norm), target)
+    ce, _ = row_cross_entropy(rows / (t * norm), target)
     if reduction == "mean":
         loss = masked_mean(ce, is_id).to(out)
     elif reduction == "sum":

@@ -31,8 +31,9 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
-from ._common import gather_target_logit
 from ._common import result_dtypes
+from ._common import row_cross_entropy
+from ._common import row_uniform_cross_entropy
 
 __all__ = ["ObjectosphereLoss", "objectosphere_loss", "objectosphere_score"]
 
@@ -70,8 +71,8 @@ def _objectosphere_loss(
     z = features.to(acc)
     is_id = targets >= 0
 
-    lse = torch.logsumexp(f, dim=1)
-    entropic = lse - torch.where(is_id, gather_target_logit(f, targets), f.mean(dim=1))
+    ce, lse = row_cross_entropy(f, targets)
+    entropic = torch.where(is_id, ce, row_uniform_cross_entropy(f, lse))
     # vector_norm has gradient 0 at z = 0, so relu(ξ − ‖z‖)² has no NaN there
     norm = torch.linalg.vector_norm(z, ord=2, dim=1)
     magnitude = torch.where(is_id, (xi - norm).relu().pow(2), norm.pow(2))

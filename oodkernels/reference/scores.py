@@ -26,6 +26,7 @@ from torch import Tensor
 from ._common import ShapeError
 from ._common import check_floating
 from ._common import result_dtypes
+from ._common import weighted_energy_of
 
 __all__ = ["energy", "max_softmax", "max_logit", "entropy", "weighted_energy"]
 
@@ -97,8 +98,5 @@ def weighted_energy(logits: Tensor, weights: Tensor) -> Tensor:
             f"weights: expected shape ({n_classes},) or (1, {n_classes}) to match logits of shape "
             f"{tuple(logits.shape)}, got {tuple(weights.shape)}"
         )
-    w = weights.to(device=f.device, dtype=f.dtype).reshape((1, n_classes) + (1,) * (f.dim() - 2)).relu()
-    # the shift m cancels exactly in value and gradient; detaching it keeps it out of the backward pass
-    m = f.amax(dim=1, keepdim=True).detach()
-    scaled_sum = (w * torch.exp(f - m)).sum(dim=1)
-    return (-(m.squeeze(1) + torch.log(scaled_sum))).to(out)
+    w = weights.to(device=f.device, dtype=f.dtype).reshape((1, n_classes) + (1,) * (f.dim() - 2))
+    return weighted_energy_of(f, w).to(out)

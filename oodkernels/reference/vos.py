@@ -33,7 +33,6 @@ import types
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch import nn
 
@@ -48,14 +47,15 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
-from ._common import gather_target_logit
 from ._common import id_mask_with_warning
 from ._common import masked_mean
 from ._common import masked_sum
 from ._common import result_dtypes
+from ._common import row_cross_entropy
 from ._common import select_id_rows
+from ._common import weighted_energy_of
 
-__all__ = ["VOSRegLoss", "VirtualOutlierSynthesizingRegLoss", "vos_reg_loss", "weighted_energy"]
+__all__ = ["VOSRegLoss", "VirtualOutlierSynthesizingRegLoss", "vos_reg_loss"]
 
 _VOS_PAPER = Paper(
     title="VOS: Learning What You Don't Know by Virtual Outlier Synthesis",
@@ -95,18 +95,6 @@ def _energy_weight(weights_energy: nn.Module, n_classes: int) -> Tensor:
     return weight
 
 
-def weighted_energy(rows: Tensor, weight: Tensor) -> Tensor:
-    """``E_w(v) = −(m + log Σ_c relu(w_c)·exp(v_c − m))`` with ``m = max_c v_c``, per row.
-
-    :param rows: (N, C) logits, already in the compute dtype
-    :param weight: (1, C) energy weights (``weights_energy.weight``); cast to the dtype of ``rows``
-    :return: (N,) weighted energies
-    """
-    m = rows.max(dim=1, keepdim=True).values
-    scaled = F.relu(weight.to(rows.dtype)) * torch.exp(rows - m)
-    return -(m.squeeze(1) + torch.log(scaled.sum(dim=1)))
-
-
 def _two_class_ce(logistic_regression, energies: Tensor, labels: Tensor) -> Tensor:
     """Per-entry ``CE(φ(E_j), t_j)``; φ maps (N, 1) energies to (N, K >= 2) logits; (N,) in ``energies.dtype``."""
     acc = energies.dtype
@@ -115,12 +103,7 @@ def _two_class_ce(logistic_regression, energies: Tensor, labels: Tensor) -> Tens
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ShapeError(f"logistic_regression: expected it to map (N, 1) energies to (N, 2) logits, got {got}")
     out = out.to(acc)
-    return torch.logsumexp(out, dim=1) - gather_target_logit(out, labels)
-
-
-def _row_cross_entropy(rows: Tensor, targets: Tensor) -> Tensor:
-    """``lse(f_i) − f_{i, y_i}`` per row (arbitrary finite values at OOD rows, NaN for labels >= C)."""
-    return torch.logsumexp(rows, dim=1) - gather_target_logit(rows, targets)
+    return row_cross_entropy(out, labels)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,12 +124,12 @@ def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, r
     rows, labels = as_rows(logits.to(acc), targets)  # 4-D: every pixel is an entry, channels-last
     is_id = labels >= 0
 
-    energies = weighted_energy(rows, weight)
+    energies = weighted_energy_of(rows, weight)
     reg_ce = _two_class_ce(logistic_regression, energies, is_id.long())
     # pooled mean over all N entries; the empty batch gives an attached 0
     reg = masked_mean(reg_ce, torch.ones_like(is_id))
 
-    ce = torch.where(is_id, _row_cross_entropy(rows, labels), torch.zeros((), dtype=acc, device=rows.device))
+    ce = torch.where(is_id, row_cross_entropy(rows, labels)[0], torch.zeros((), dtype=acc, device=rows.device))
     if reduction == "mean":
         loss = masked_mean(ce, is_id)
     elif reduction == "sum":
@@ -428,11 +411,11 @@ class VirtualOutlierSynthesizingRegLoss(VOSRegLoss):
 
         rows = logits.to(acc)
         zero = torch.zeros((), dtype=acc, device=rows.device)
-        ce = torch.where(is_id, _row_cross_entropy(rows, y), zero)
+        ce = torch.where(is_id, row_cross_entropy(rows, y)[0], zero)
         if draw:
             virtual = sample_virtual_outliers(self.data_dict, self.eye_matrix, self.sample_from, self.select)
             virtual_logits = self.fc(virtual.to(_param_dtype(self.fc, virtual.dtype))).to(acc)
-            energies = torch.cat([weighted_energy(rows, weight), weighted_energy(virtual_logits, weight)])
+            energies = torch.cat([weighted_energy_of(rows, weight), weighted_energy_of(virtual_logits, weight)])
             labels = torch.cat([torch.ones_like(y), torch.zeros(virtual.shape[0], dtype=y.dtype, device=y.device)])
             used = torch.cat([is_id, torch.ones(virtual.shape[0], dtype=torch.bool, device=y.device)])
             reg = masked_mean(_two_class_ce(self.logistic_regression, energies, labels), used)
