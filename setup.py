@@ -19,10 +19,10 @@ def read(name):
 
 
 def version():
-    for line in read("oodkernels/__init__.py").splitlines():
+    for line in read("oodkernels/_version.py").splitlines():
         if line.startswith("__version__"):
             return line.split("=")[1].strip().strip('"')
-    raise RuntimeError("oodkernels/__init__.py: no __version__")
+    raise RuntimeError("oodkernels/_version.py: no __version__")
 
 
 def extensions():

@@ -30,6 +30,7 @@ import torch
 
 from . import _cpp
 from . import config
+from ._version import __version__
 from .reference import centers as _ref_centers
 from .reference import confidence as _ref_confidence
 from .reference import distances as _ref_distances
@@ -40,6 +41,9 @@ from .reference import vos as _ref_vos
 
 #: fused implementations by backend, filled by the kernel layers as they land
 _KERNELS: dict[str, dict[str, Callable]] = {"triton": {}, "cpp": {}}
+
+#: what runs the nn.Module criteria: no fused forward is wired into oodkernels.loss in this version
+CRITERIA_BACKEND = "reference classes (plain PyTorch) on every device; no fused forward is wired in yet"
 
 #: every dispatched operation and its reference implementation
 REFERENCE: dict[str, Callable] = {
@@ -114,7 +118,9 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
     if requested == "cpp" or (requested == "auto" and device.type == "cpu"):
         if device.type != "cpu":
             if requested == "cpp":
-                raise RuntimeError(f"OODKERNELS_BACKEND=cpp: {name} got a {device.type} tensor; the C++ backend is CPU-only")
+                raise RuntimeError(
+                    f"OODKERNELS_BACKEND=cpp: {name} got a {device.type} tensor; the C++ backend is CPU-only"
+                )
             return "reference", f"no fused backend for {device.type} tensors"
         if name not in _KERNELS["cpp"]:
             return "reference", "no C++ kernel for this operation yet"
@@ -184,7 +190,7 @@ class BackendInfo(dict):
         ]
         for name, where in self["operations"].items():
             lines.append(f"  {name:<28} {where['cpu']:<14} {where['cuda']}")
-        lines.append("  criteria with state (II, VOS-synth, EnergyMargin, DeepSVDD/SAD): reference")
+        lines.append(f"  criteria (oodkernels.loss): {self['criteria']}")
         return "\n".join(lines)
 
 
@@ -194,8 +200,6 @@ def backend_info() -> BackendInfo:
     Nothing is built or launched, except that the C++ extension is located (and built if it has
     sources and has not been tried) so that the answer for CPU tensors is the true one.
     """
-    from . import __version__
-
     cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     operations = {}
     for name in REFERENCE:
@@ -215,4 +219,5 @@ def backend_info() -> BackendInfo:
         triton=triton_status(),
         cpp=_cpp.status() if not _cpp.sources() else ("available" if _cpp.available() else _cpp.status()),
         operations=operations,
+        criteria=CRITERIA_BACKEND,
     )

@@ -1,0 +1,94 @@
+"""Project rules that a reviewer would otherwise check by hand: CI runs the README's test command,
+and imports inside the package only go downward through the layers of SPEC §1."""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "oodkernels"
+
+# leaves without internal imports, which every layer may read
+LEAVES = {"config", "_version"}
+# module (or package prefix) -> internal modules it may import, besides the leaves
+ALLOWED = {
+    "config": set(),
+    "_version": set(),
+    "_cpp": set(),
+    "testing": set(),
+    "kernels": {"kernels", "config"},
+    "reference": {"reference", "config"},
+    "ops": {"kernels", "_cpp", "reference", "config"},
+    "functional": {"ops"},
+    "scores": {"ops"},
+    "model": {"ops", "reference", "config"},
+    "utils": {"ops", "reference", "config"},
+    # criteria subclass the reference modules (constructor, state and RNG draws defined once) and
+    # route their forward through the functional layer
+    "loss": {"functional", "model", "utils", "config", "reference"},
+    "__main__": {"ops"},
+    "demo": {"loss", "scores", "functional", "model", "utils", "config", "testing"},
+}
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[0]
+
+
+def _internal_imports(path: pathlib.Path, module: str) -> set:
+    tree = ast.parse(path.read_text())
+    package_parts = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}".strip(".") for a in node.names]
+            elif node.module and node.module.startswith("oodkernels"):
+                names = [node.module[len("oodkernels") :].lstrip(".")]
+            else:
+                continue
+            found.update(n for n in names if n)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("oodkernels."):
+                    found.add(alias.name[len("oodkernels.") :])
+    return {_layer(n) for n in found}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        parts = list(rel.parts)
+        if parts == ["__init__"]:
+            continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield path, ".".join(parts)
+
+
+@pytest.mark.parametrize("path,module", list(_modules()), ids=lambda v: str(v) if isinstance(v, str) else "")
+def test_imports_only_go_down_the_layers(path, module):
+    layer = _layer(module)
+    assert layer in ALLOWED, f"{module}: not in the layer table of SPEC §1; add it deliberately"
+    upward = _internal_imports(path, module) - ALLOWED[layer] - LEAVES - {layer}
+    assert not upward, f"oodkernels/{path.relative_to(PACKAGE)} imports {sorted(upward)}, above its layer"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- test-command -->\s*```(?:bash|sh)?\s*\n(.+?)\n```", readme, re.S)
+    assert match, "README.md: the test command block (after <!-- test-command -->) is missing"
+    command = match.group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_commands = [line.replace("$PY", "python") for line in ci_lines if line and not line.startswith("#")]
+    assert command in ci_commands, f".ci/run does not run the README test command {command!r}"
+
+
+def test_ci_pins_the_cpu_torch_build():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "torch==2.13.0" in ci
+    assert re.search(r"pip install --no-deps \"?pytorch-ood==0\.4\.0", ci)
