@@ -92,3 +92,12 @@ def test_ci_pins_the_cpu_torch_build():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in ci
     assert re.search(r"pip install --no-deps \"?pytorch-ood==0\.4\.0", ci)
+
+
+def test_readme_python_examples_run():
+    """LOSS_CONTRACT §8.7: every documentation example runs."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
