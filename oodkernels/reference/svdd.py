@@ -110,7 +110,28 @@ def _radius_sq(radius, acc: torch.dtype, device) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-class DeepSVDDLoss(nn.Module):
+class _OneCenterLoss(nn.Module):
+    """Base of the one-center criteria: the center μ (``_center``, a fixed ``ClassCenters(1, D)``) and
+    the squared distance ``d_i = ‖x_i − μ‖²`` (expansion, clamped at 0) of features (B, D)."""
+
+    def __init__(self, n_dim: int, center: Optional[Tensor]):
+        super().__init__()
+        _init_center(self, n_dim, center)
+
+    @property
+    def center(self) -> ClassCenters:
+        """The center μ, a ``ClassCenters`` with one center; ``center(x)`` gives (B, 1) squared distances."""
+        return self._center
+
+    def _sq_distance(self, x: Tensor) -> tuple[Tensor, torch.dtype, torch.dtype]:
+        """``(d (B,) in the compute dtype, output dtype, compute dtype)`` after the input checks."""
+        _check_features(x, self._center.n_features)
+        check_same_device(x=x, center=self._center.params)
+        out, acc = result_dtypes(x)
+        return _sq_distance_to_center(x, self._center.params, acc), out, acc
+
+
+class DeepSVDDLoss(_OneCenterLoss):
     """Deep Support Vector Data Description (one-class and soft-boundary with a fixed radius).
 
     .. math:: \\ell_i = \\max\\{0, \\lVert x_i - \\mu \\rVert_2^2 - r^2\\}
@@ -153,22 +174,13 @@ class DeepSVDDLoss(nn.Module):
         :param radius: radius r of the hypersphere
         :param center: center μ of shape (D,); a random N(0, 1) vector if not given
         """
-        super().__init__()
-        _init_center(self, n_dim, center)
+        super().__init__(n_dim, center)
         self.register_buffer("radius", torch.tensor(float(radius), dtype=torch.float32))
         self.reduction = reduction
 
-    @property
-    def center(self) -> ClassCenters:
-        """The center μ, a ``ClassCenters`` with one center; ``center(x)`` gives (B, 1) squared distances."""
-        return self._center
-
     def distance(self, x: Tensor) -> Tensor:
         """``‖x_i − μ‖² − r²`` for features (B, D) -> (B,), in the dtype of ``x``; may be negative."""
-        _check_features(x, self._center.n_features)
-        check_same_device(x=x, center=self._center.params)
-        out, acc = result_dtypes(x)
-        d = _sq_distance_to_center(x, self._center.params, acc)
+        d, out, acc = self._sq_distance(x)
         return (d - _radius_sq(self.radius, acc, x.device)).to(out)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -233,7 +245,7 @@ class DeepSVDDLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class DeepSADLoss(nn.Module):
+class DeepSADLoss(_OneCenterLoss):
     """Deep Semi-supervised Anomaly Detection: Deep SVDD with labelled outliers pushed away.
 
     .. math::
@@ -276,23 +288,15 @@ class DeepSADLoss(nn.Module):
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param center: center μ of shape (D,); a random N(0, 1) vector if not given
         """
-        super().__init__()
-        _init_center(self, n_dim, center)
+        super().__init__(n_dim, center)
         self.eta = eta
         self.eps = eps
         self.reduction = reduction
 
-    @property
-    def center(self) -> ClassCenters:
-        """The center μ, a ``ClassCenters`` with one center."""
-        return self._center
-
     def distance(self, x: Tensor) -> Tensor:
         """``‖x_i − μ‖²`` for features (B, D) -> (B,), in the dtype of ``x``."""
-        _check_features(x, self._center.n_features)
-        check_same_device(x=x, center=self._center.params)
-        out, acc = result_dtypes(x)
-        return _sq_distance_to_center(x, self._center.params, acc).to(out)
+        d, out, _ = self._sq_distance(x)
+        return d.to(out)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """
