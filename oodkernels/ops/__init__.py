@@ -28,16 +28,16 @@ from typing import Callable
 
 import torch
 
-from . import _cpp
-from . import config
-from ._version import __version__
-from .reference import centers as _ref_centers
-from .reference import confidence as _ref_confidence
-from .reference import distances as _ref_distances
-from .reference import logits as _ref_logits
-from .reference import objectosphere as _ref_objectosphere
-from .reference import scores as _ref_scores
-from .reference import vos as _ref_vos
+from .. import _cpp
+from .. import config
+from .._version import __version__
+from ..reference import centers as _ref_centers
+from ..reference import confidence as _ref_confidence
+from ..reference import distances as _ref_distances
+from ..reference import logits as _ref_logits
+from ..reference import objectosphere as _ref_objectosphere
+from ..reference import scores as _ref_scores
+from ..reference import vos as _ref_vos
 
 #: fused implementations by backend, filled by the kernel layers as they land
 _KERNELS: dict[str, dict[str, Callable]] = {"triton": {}, "cpp": {}}

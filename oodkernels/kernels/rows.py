@@ -1,0 +1,703 @@
+"""The row-kernel template: every criterion whose per-entry term is a function of one row of logits.
+
+Layout. Logits ``(N, C, *S)`` are read in place as ``[outer = N, C, inner = prod(S)]``: entry ``r``
+(0 <= r < R = N·prod(S), in the order of ``targets.reshape(-1)``) is at ``outer = r // inner``,
+``i = r % inner``, ``h = i // W``, ``w = i % W`` (W = last spatial size), with one explicit stride
+per axis (``stride_*_outer``, ``stride_*_class``, ``stride_*_h``, ``stride_*_w``), so (B, C),
+(N, C, L), NCHW, channels-last, transposed and sliced views are all read without a copy. Every
+offset is int64.
+
+Forward (one read of the logits). Per entry, an online pass over class blocks keeps, in the
+accumulator dtype ``ACC`` (fp32, or fp64 for fp64 logits), of ``v = x·mult``::
+
+    m = max_c v_c,  d = Σ_c exp(v_c − m),  v_y,  Σ_c v_c,  j* = argmax_c x_c (first on ties),
+    e = Σ_c exp(v_c − m)·x_c              (LogitNorm only)
+
+``mult`` is 1 for the losses, 1/T for tempered scores and 1/s for LogitNorm. From them
+``lse = m + ln d``, ``CE = (m − v_y) + ln d`` (no cancellation of two large numbers), ``π = 1/d``
+(the maximum softmax probability) and ``U = lse − Σv/C``. The forward writes the row's loss value
+and the statistics ``[m, ln d, j*, aux]`` that backward needs; nothing of logits size.
+
+Row values (``ω = cost[y, j*]`` with a cost matrix, else 1; ID: ``0 <= y < C``; OOD: ``y < 0``;
+ignored: ``y == ignore_index``, value 0; a label ``y >= C`` gives NaN):
+
+==================  ==========================================  ======================================
+KIND                ID row                                      OOD row
+==================  ==========================================  ======================================
+CROSS_ENTROPY       ω·CE                                        0 (does not contribute)
+OUTLIER_EXPOSURE    ω·CE                                        α·U                 (entropic: α = 1)
+ENERGY              ω·CE + α·relu(−lse − m_in)²                 α·relu(m_out + lse)²
+CONFIDENCE_PENALTY  ω·CE                                        λ·π
+MARGIN_CONFIDENCE   ω·CE                                        relu(π − margin)
+LOGIT_NORM          ω·CE(x/s), s = t·(‖x‖ + 1e-7)               0 (does not contribute)
+==================  ==========================================  ======================================
+
+Backward (one read of the logits, one write of a fresh gradient). With γ the upstream gradient of
+the row value (per row, any stride, so every normaliser and ``grad_output`` is applied before any
+batch sum) and ``p = softmax(v)`` recomputed from ``m`` and ``ln d``::
+
+    dℓ/dx = γ·(a·p + b·e_y + c/C + h·e_j*) + δ·x
+
+==================  ===============================  ==================================================
+row kind            a, b, c, h                       derivation
+==================  ===============================  ==================================================
+ID (every KIND)     a = ω, b = −ω                    dCE/dx = p − e_y
+ID, ENERGY          a += −2α·h_in                    h_in = relu(−lse − m_in), dlse/dx = p
+OOD, OE             a = α, c = −α                    dU/dx = p − 1/C
+OOD, ENERGY         a = 2α·h_out                     h_out = relu(m_out + lse)
+OOD, CONFIDENCE     a = −λπ, h = λπ                  dπ/dx = π·(e_j* − p)
+OOD, MARGIN         a = −κπ, h = κπ                  κ = 1[π > margin], strict like relu's backward
+ID, LOGIT_NORM      a = ω/s, b = −ω/s, δ = −ωτρ/(ns²) n = ‖x‖, ρ = Σ q_j x_j − x_y, δ = 0 at n = 0
+==================  ===============================  ==================================================
+
+One-hot terms are added in ACC before the single rounding store (KERNEL_GUIDE P4).
+
+Scores (forward only, same online pass): energy −T·lse(x/T), max softmax −1/d, max logit −max x,
+entropy −Σ p log p with p clamped to [1e-7, 1] (pytorch-ood's definition; a second pass once lse is
+known).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# criterion kinds (constexpr KIND)
+CROSS_ENTROPY = 0
+OUTLIER_EXPOSURE = 1
+ENERGY = 2
+CONFIDENCE_PENALTY = 3
+MARGIN_CONFIDENCE = 4
+LOGIT_NORM = 5
+
+# score kinds (constexpr WHICH)
+SCORE_ENERGY = 0
+SCORE_MAX_SOFTMAX = 1
+SCORE_MAX_LOGIT = 2
+SCORE_ENTROPY = 3
+
+#: statistics saved per row by the forward, in ACC: max of v, ln d, argmax, and the LogitNorm
+#: row norm ‖x‖ (else 0)
+N_STATS = 4
+
+LOGIT_NORM_EPS = 1e-7
+ENTROPY_CLAMP = 1e-7
+
+
+@triton.jit
+def _exp(x, USE_FP64: tl.constexpr):
+    # fp32 maps onto the hardware ex2; fp64 keeps the exact natural exponential (gradcheck-grade)
+    if USE_FP64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _param(p, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+    """A scalar hyper-parameter (an fp64 argument, so fp64 runs see it unrounded) as an ACC vector."""
+    return (tl.zeros([BLOCK_R], ACC) + p).to(ACC)
+
+
+@triton.jit
+def _entry_offsets(rows, inner, width, stride_outer, stride_h, stride_w):
+    """int64 offset of entry ``rows`` (a block of entry indices) in a ``[outer, inner]`` view."""
+    outer = rows // inner
+    i = rows - outer * inner
+    h = i // width
+    w = i - h * width
+    return outer * stride_outer + h * stride_h + w * stride_w
+
+
+@triton.jit
+def _online_pass(
+    X,  # logits
+    x_base,  # [BLOCK_R] int64 offsets of each row's class 0
+    stride_x_class,
+    row_mask,  # [BLOCK_R] rows in range
+    y,  # [BLOCK_R] targets (never equal to a column where the row has no target)
+    mult,  # [BLOCK_R] v = x * mult
+    n_classes,
+    ACC: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    WITH_EXPECTATION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Streaming statistics of ``v = x·mult`` over class blocks (online softmax, Milakov & Gimelshein 2018)."""
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    d = tl.zeros([BLOCK_R], ACC)
+    v_y = tl.zeros([BLOCK_R], ACC)
+    sum_v = tl.zeros([BLOCK_R], ACC)
+    expect = tl.zeros([BLOCK_R], ACC)
+    j_star = tl.zeros([BLOCK_R], tl.int32)
+    has_nan = tl.zeros([BLOCK_R], tl.int32)
+    for c0 in range(0, n_classes, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        ptrs = X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class
+        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(ACC)
+        v = x * mult[:, None]
+        block_max = tl.max(v, axis=1)
+        block_arg = tl.argmax(v, axis=1)
+        # strictly greater: the first maximum wins across blocks, as inside a block
+        j_star = tl.where(block_max > m, c0 + block_arg, j_star)
+        m_new = tl.maximum(m, block_max)
+        # an all -inf prefix keeps m = -inf; shift by 0 there so that no inf - inf appears
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+        rescale = _exp(m - shift, USE_FP64)
+        p = _exp(v - shift[:, None], USE_FP64)
+        d = d * rescale + tl.sum(p, axis=1)
+        if WITH_EXPECTATION:
+            expect = expect * rescale + tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
+        v_y += tl.sum(tl.where(cols[None, :] == y[:, None], v, 0.0), axis=1)
+        sum_v += tl.sum(tl.where(mask, v, 0.0), axis=1)
+        has_nan = has_nan | tl.max((v != v).to(tl.int32), axis=1)
+        m = m_new
+    nan = float("nan")
+    m = tl.where(has_nan > 0, nan, m)
+    # rows past the end: neutral values, so that no log(0) or inf − inf is ever evaluated for them
+    m = tl.where(row_mask, m, 0.0)
+    d = tl.where(row_mask, d, 1.0)
+    return m, d, v_y, sum_v, j_star, expect
+
+
+@triton.jit
+def _row_norm(
+    X, x_base, stride_x_class, row_mask, n_classes, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """``‖x‖₂`` of each row (LogitNorm's extra pass: the softmax is over ``x/s`` and ``s`` needs the norm)."""
+    sq = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, n_classes, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class, mask=mask, other=0.0).to(ACC)
+        sq += tl.sum(x * x, axis=1)
+    return tl.sqrt(sq)
+
+
+@triton.jit
+def _epilogue(
+    KIND: tl.constexpr,
+    m,
+    log_d,
+    v_y,
+    sum_v,
+    n_classes,
+    is_id,
+    is_ood,
+    omega,
+    alpha,  # OE α, energy α, confidence-penalty λ, margin
+    m_in,
+    m_out,
+):
+    """Row value and backward coefficients ``(ℓ, a, b, c, h)`` of one criterion (table in the module doc)."""
+    lse = m + log_d
+    ce = (m - v_y) + log_d
+    pi = tl.exp(-log_d)
+    zero = tl.zeros_like(lse)
+    loss_id = omega * ce
+    a_id = omega
+    loss_ood = zero
+    a_ood = zero
+    c_ood = zero
+    h_ood = zero
+    if KIND == 1:  # OUTLIER_EXPOSURE
+        loss_ood = alpha * (lse - sum_v / n_classes)
+        a_ood = alpha + zero
+        c_ood = -alpha + zero
+    if KIND == 2:  # ENERGY
+        h_in = tl.maximum(-lse - m_in, 0.0)
+        loss_id = loss_id + alpha * h_in * h_in
+        a_id = a_id - 2.0 * alpha * h_in
+        h_out = tl.maximum(m_out + lse, 0.0)
+        loss_ood = alpha * h_out * h_out
+        a_ood = 2.0 * alpha * h_out
+    if KIND == 3:  # CONFIDENCE_PENALTY
+        loss_ood = alpha * pi
+        a_ood = -alpha * pi
+        h_ood = alpha * pi
+    if KIND == 4:  # MARGIN_CONFIDENCE
+        loss_ood = tl.maximum(pi - alpha, 0.0)
+        kappa = pi > alpha
+        a_ood = tl.where(kappa, -pi, 0.0)
+        h_ood = tl.where(kappa, pi, 0.0)
+    loss = tl.where(is_id, loss_id, tl.where(is_ood, loss_ood, 0.0))
+    a = tl.where(is_id, a_id, tl.where(is_ood, a_ood, 0.0))
+    b = tl.where(is_id, -omega, 0.0)
+    c = tl.where(is_ood, c_ood, 0.0)
+    h = tl.where(is_ood, h_ood, 0.0)
+    return loss, a, b, c, h
+
+
+@triton.jit
+def _classify_rows(
+    Y,
+    rows,
+    row_mask,
+    inner,
+    width,
+    stride_y_outer,
+    stride_y_h,
+    stride_y_w,
+    n_classes,
+    ignore_index,
+    HAS_IGNORE: tl.constexpr,
+):
+    """Load the targets of a block of rows; return ``(y, is_id, is_ood, invalid)``."""
+    y = tl.load(Y + _entry_offsets(rows, inner, width, stride_y_outer, stride_y_h, stride_y_w), mask=row_mask, other=0)
+    y = y.to(tl.int64)
+    valid = row_mask
+    if HAS_IGNORE:
+        valid = valid & (y != ignore_index)
+    is_id = valid & (y >= 0)
+    is_ood = valid & (y < 0)
+    invalid = is_id & (y >= n_classes)
+    # a row without a target column must never match one in the passes
+    y = tl.where(is_id & ~invalid, y, -1)
+    return y, is_id, is_ood, invalid
+
+
+@triton.jit
+def _cost_weight(Cost, y, j_star, n_classes, is_id, ACC: tl.constexpr, HAS_COST: tl.constexpr):
+    """``ω = cost[y, j*]`` for ID rows with a target column (else 1); not differentiated."""
+    if HAS_COST:
+        has_target = is_id & (y >= 0)
+        omega = tl.load(Cost + tl.where(has_target, y, 0) * n_classes + j_star.to(tl.int64), mask=has_target, other=1.0)
+        return omega.to(ACC)
+    else:
+        return tl.full(y.shape, 1.0, ACC)
+
+
+@triton.jit
+def _row_loss_fwd_kernel(
+    X,  # logits [outer, C, inner] through strides
+    Y,  # targets [outer, inner] through strides, any integer dtype
+    Cost,  # (C, C) contiguous cost matrix (unused unless HAS_COST)
+    Loss,  # (R,) row values, ACC
+    Stats,  # (N_STATS, R) statistics, ACC
+    n_rows,  # R
+    n_classes,  # C
+    inner,  # prod(S)
+    width,  # last spatial size W (1 for (B, C))
+    stride_x_outer,
+    stride_x_class,
+    stride_x_h,
+    stride_x_w,
+    stride_y_outer,
+    stride_y_h,
+    stride_y_w,
+    p_alpha: tl.float64,  # α / λ / margin / LogitNorm t
+    p_m_in: tl.float64,
+    p_m_out: tl.float64,
+    ignore_index,
+    KIND: tl.constexpr,
+    HAS_COST: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    # 1. rows of this program, targets, row classification
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    y, is_id, is_ood, invalid = _classify_rows(
+        Y, rows, row_mask, inner, width, stride_y_outer, stride_y_h, stride_y_w, n_classes, ignore_index, HAS_IGNORE
+    )
+    x_base = _entry_offsets(rows, inner, width, stride_x_outer, stride_x_h, stride_x_w)
+    alpha = _param(p_alpha, BLOCK_R, ACC)
+    # 2. online pass (LogitNorm first needs the row norm for its scale s = t·(‖x‖ + ε))
+    norm = tl.zeros([BLOCK_R], ACC)
+    mult = tl.full([BLOCK_R], 1.0, ACC)
+    if KIND == 5:  # LOGIT_NORM
+        norm = _row_norm(X, x_base, stride_x_class, row_mask, n_classes, ACC, BLOCK_R, BLOCK_C)
+        mult = 1.0 / (alpha * (norm + 1e-7))
+    m, d, v_y, sum_v, j_star, expect = _online_pass(
+        X, x_base, stride_x_class, row_mask, y, mult, n_classes, ACC, USE_FP64, False, BLOCK_R, BLOCK_C
+    )
+    log_d = tl.log(d)
+    # 3. row value
+    omega = _cost_weight(Cost, y, j_star, n_classes, is_id, ACC, HAS_COST)
+    loss, a, b, c, h = _epilogue(
+        KIND,
+        m,
+        log_d,
+        v_y,
+        sum_v,
+        n_classes,
+        is_id,
+        is_ood,
+        omega,
+        alpha,
+        _param(p_m_in, BLOCK_R, ACC),
+        _param(p_m_out, BLOCK_R, ACC),
+    )
+    loss = tl.where(invalid, float("nan"), loss)
+    tl.store(Loss + rows, loss, mask=row_mask)
+    tl.store(Stats + rows, m, mask=row_mask)
+    tl.store(Stats + n_rows + rows, log_d, mask=row_mask)
+    tl.store(Stats + 2 * n_rows + rows, j_star.to(ACC), mask=row_mask)
+    tl.store(Stats + 3 * n_rows + rows, norm, mask=row_mask)
+
+
+@triton.jit
+def _row_loss_bwd_kernel(
+    G,  # (R,) upstream gradient of the row values, any stride (0 for a broadcast scalar)
+    X,
+    Y,
+    Cost,
+    Stats,  # (N_STATS, R) from the forward
+    Grad,  # fresh gradient, same shape as X, its own strides
+    n_rows,
+    n_classes,
+    inner,
+    width,
+    stride_g,
+    stride_x_outer,
+    stride_x_class,
+    stride_x_h,
+    stride_x_w,
+    stride_y_outer,
+    stride_y_h,
+    stride_y_w,
+    stride_d_outer,
+    stride_d_class,
+    stride_d_h,
+    stride_d_w,
+    p_alpha: tl.float64,
+    p_m_in: tl.float64,
+    p_m_out: tl.float64,
+    ignore_index,
+    KIND: tl.constexpr,
+    HAS_COST: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    y, is_id, is_ood, invalid = _classify_rows(
+        Y, rows, row_mask, inner, width, stride_y_outer, stride_y_h, stride_y_w, n_classes, ignore_index, HAS_IGNORE
+    )
+    x_base = _entry_offsets(rows, inner, width, stride_x_outer, stride_x_h, stride_x_w)
+    d_base = _entry_offsets(rows, inner, width, stride_d_outer, stride_d_h, stride_d_w)
+    alpha = _param(p_alpha, BLOCK_R, ACC)
+    # 1. saved statistics and the row's coefficients
+    m = tl.load(Stats + rows, mask=row_mask, other=0.0)
+    log_d = tl.load(Stats + n_rows + rows, mask=row_mask, other=0.0)
+    j_star = tl.load(Stats + 2 * n_rows + rows, mask=row_mask, other=0.0).to(tl.int32)
+    norm = tl.load(Stats + 3 * n_rows + rows, mask=row_mask, other=1.0)
+    gamma = tl.load(G + rows * stride_g, mask=row_mask, other=0.0).to(ACC)
+    omega = _cost_weight(Cost, y, j_star, n_classes, is_id, ACC, HAS_COST)
+    zero = tl.zeros([BLOCK_R], ACC)
+    # v_y and Σv only enter the row value, not the coefficients
+    _, a, b, c, h = _epilogue(
+        KIND,
+        m,
+        log_d,
+        zero,
+        zero,
+        n_classes,
+        is_id,
+        is_ood,
+        omega,
+        alpha,
+        _param(p_m_in, BLOCK_R, ACC),
+        _param(p_m_out, BLOCK_R, ACC),
+    )
+    mult = tl.full([BLOCK_R], 1.0, ACC)
+    delta = zero
+    if KIND == 5:  # LOGIT_NORM: the softmax is over z = x/s, plus the derivative of s itself
+        scale = alpha * (norm + 1e-7)  # the forward's operations in its order: bitwise the same s
+        mult = 1.0 / scale
+        rho = _logit_norm_rho(
+            X, x_base, stride_x_class, row_mask, y, mult, m, log_d, n_classes, ACC, USE_FP64, BLOCK_R, BLOCK_C
+        )
+        delta = tl.where(is_id & (norm > 0), -omega * alpha * rho / (norm * scale * scale), 0.0)
+        a = a * mult
+        b = b * mult
+    a = gamma * a
+    b = gamma * b
+    c = gamma * c / n_classes
+    h = gamma * h
+    delta = gamma * delta
+    # 2. stream the row once more and write the gradient
+    for c0 in range(0, n_classes, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class, mask=mask, other=0.0).to(ACC)
+        p = _exp(x * mult[:, None] - m[:, None] - log_d[:, None], USE_FP64)
+        g = a[:, None] * p + c[:, None] + delta[:, None] * x
+        g += tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
+        g += tl.where(cols[None, :] == j_star[:, None], h[:, None], 0.0)
+        ptrs = Grad + d_base[:, None] + cols[None, :].to(tl.int64) * stride_d_class
+        tl.store(ptrs, g.to(Grad.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _logit_norm_rho(
+    X,
+    x_base,
+    stride_x_class,
+    row_mask,
+    y,
+    mult,
+    m,
+    log_d,
+    n_classes,
+    ACC: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``ρ = Σ_j q_j x_j − x_y`` with ``q = softmax(x·mult)`` from the saved ``m``, ``ln d``."""
+    rho = tl.zeros([BLOCK_R], ACC)
+    for c0 in range(0, n_classes, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class, mask=mask, other=0.0).to(ACC)
+        q = _exp(x * mult[:, None] - m[:, None] - log_d[:, None], USE_FP64)
+        rho += tl.sum(tl.where(mask, q * x, 0.0), axis=1)
+        rho -= tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+    return rho
+
+
+@triton.jit
+def _row_scores_kernel(
+    X,
+    Out,  # (R,) scores, ACC
+    n_rows,
+    n_classes,
+    inner,
+    width,
+    stride_x_outer,
+    stride_x_class,
+    stride_x_h,
+    stride_x_w,
+    p_t: tl.float64,  # temperature
+    WHICH: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    x_base = _entry_offsets(rows, inner, width, stride_x_outer, stride_x_h, stride_x_w)
+    t = _param(p_t, BLOCK_R, ACC)
+    mult = tl.full([BLOCK_R], 1.0, ACC) / t
+    no_target = tl.full([BLOCK_R], -1, tl.int64)
+    m, d, v_y, sum_v, j_star, expect = _online_pass(
+        X, x_base, stride_x_class, row_mask, no_target, mult, n_classes, ACC, USE_FP64, False, BLOCK_R, BLOCK_C
+    )
+    log_d = tl.log(d)
+    if WHICH == 0:  # energy
+        score = -t * (m + log_d)
+    elif WHICH == 1:  # max softmax
+        score = -tl.exp(-log_d)
+    elif WHICH == 2:  # max logit
+        score = -m
+    else:  # entropy of the clamped softmax, as pytorch-ood defines it: needs lse first
+        score = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, n_classes, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (cols < n_classes)[None, :]
+            ptrs = X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class
+            x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+            p = _exp(x * mult[:, None] - m[:, None] - log_d[:, None], USE_FP64)
+            p = tl.minimum(tl.maximum(p, 1e-7), 1.0)
+            score -= tl.sum(tl.where(mask, p * tl.log(p), 0.0), axis=1)
+        score = tl.where(m != m, float("nan"), score)
+    tl.store(Out + rows, score, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def row_view(t: torch.Tensor, has_classes: bool) -> tuple[int, int, int, tuple[int, int, int, int]]:
+    """``(R, inner, width, (stride_outer, stride_class, stride_h, stride_w))`` of logits (N, C, *S)
+    (``has_classes``) or targets (N, *S), for at most two spatial dimensions."""
+    spatial = tuple(t.shape[2:] if has_classes else t.shape[1:])
+    strides = tuple(t.stride())
+    s_outer = strides[0] if t.dim() else 0
+    s_class = strides[1] if has_classes else 0
+    sp_strides = strides[2:] if has_classes else strides[1:]
+    if len(spatial) > 2:
+        raise ValueError(f"expected at most two spatial dimensions, got shape {tuple(t.shape)}")
+    if len(spatial) == 0:
+        inner, width, s_h, s_w = 1, 1, 0, 0
+    elif len(spatial) == 1:
+        inner, width, s_h, s_w = spatial[0], spatial[0], 0, sp_strides[0]
+    else:
+        inner, width, s_h, s_w = spatial[0] * spatial[1], spatial[1], sp_strides[0], sp_strides[1]
+    n = t.shape[0] if t.dim() else 1
+    return n * inner, inner, max(width, 1), (s_outer, s_class, s_h, s_w)
+
+
+def launch_config(n_classes: int, dtype: torch.dtype, block_override=None) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)``.
+
+    Starting points, to be replaced by measurements on a GPU (none was available when this was
+    written; KERNEL_GUIDE §2.7): the class block covers the row up to 4096 columns (longer rows
+    stream through the online pass); a program takes as many rows as fill a 4096-element tile, so
+    small C does not idle lanes; 4 warps up to 2048 tile elements, else 8.
+    """
+    if block_override is not None:
+        block_r, block_c = block_override
+        return int(block_r), int(block_c), 4
+    block_c = min(triton.next_power_of_2(max(n_classes, 1)), 4096)
+    tile = 4096 if dtype != torch.float64 else 2048
+    block_r = max(1, min(128, tile // block_c))
+    num_warps = 4 if block_r * block_c <= 2048 else 8
+    return block_r, block_c, num_warps
+
+
+def row_loss_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    cost: torch.Tensor | None,
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: int | None,
+    block_override=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward: ``(row values (R,), statistics (N_STATS, R))`` in ACC dtype."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
+    _, _, _, (sy_o, _, sy_h, sy_w) = row_view(targets, False)
+    n_classes = logits.shape[1]
+    loss = torch.empty((n_rows,), dtype=acc, device=logits.device)
+    stats = torch.empty((N_STATS, n_rows), dtype=acc, device=logits.device)
+    if n_rows == 0:
+        return loss, stats
+    block_r, block_c, num_warps = launch_config(n_classes, logits.dtype, block_override)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _row_loss_fwd_kernel[grid](
+        X=logits,
+        Y=targets,
+        Cost=cost if cost is not None else loss,
+        Loss=loss,
+        Stats=stats,
+        n_rows=n_rows,
+        n_classes=n_classes,
+        inner=inner,
+        width=width,
+        stride_x_outer=sx_o,
+        stride_x_class=sx_c,
+        stride_x_h=sx_h,
+        stride_x_w=sx_w,
+        stride_y_outer=sy_o,
+        stride_y_h=sy_h,
+        stride_y_w=sy_w,
+        p_alpha=float(alpha),
+        p_m_in=float(m_in),
+        p_m_out=float(m_out),
+        ignore_index=0 if ignore_index is None else int(ignore_index),
+        KIND=kind,
+        HAS_COST=cost is not None,
+        HAS_IGNORE=ignore_index is not None,
+        USE_FP64=acc == torch.float64,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def row_loss_backward(
+    grad_rows: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    cost: torch.Tensor | None,
+    stats: torch.Tensor,
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: int | None,
+    block_override=None,
+) -> torch.Tensor:
+    """Launch the backward: a fresh gradient with the logits' shape, dtype and (dense) memory format."""
+    # preserve_format keeps the logits' strides when they are dense (NCHW, channels-last,
+    # transposed) and falls back to contiguous for gapped views (sliced, expanded)
+    grad = torch.empty_like(logits)
+    n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
+    _, _, _, (sy_o, _, sy_h, sy_w) = row_view(targets, False)
+    _, _, _, (sd_o, sd_c, sd_h, sd_w) = row_view(grad, True)
+    if n_rows == 0 or logits.shape[1] == 0:
+        return grad.zero_()
+    block_r, block_c, num_warps = launch_config(logits.shape[1], logits.dtype, block_override)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _row_loss_bwd_kernel[grid](
+        G=grad_rows,
+        X=logits,
+        Y=targets,
+        Cost=cost if cost is not None else stats,
+        Stats=stats,
+        Grad=grad,
+        n_rows=n_rows,
+        n_classes=logits.shape[1],
+        inner=inner,
+        width=width,
+        stride_g=grad_rows.stride(0) if grad_rows.dim() else 0,
+        stride_x_outer=sx_o,
+        stride_x_class=sx_c,
+        stride_x_h=sx_h,
+        stride_x_w=sx_w,
+        stride_y_outer=sy_o,
+        stride_y_h=sy_h,
+        stride_y_w=sy_w,
+        stride_d_outer=sd_o,
+        stride_d_class=sd_c,
+        stride_d_h=sd_h,
+        stride_d_w=sd_w,
+        p_alpha=float(alpha),
+        p_m_in=float(m_in),
+        p_m_out=float(m_out),
+        ignore_index=0 if ignore_index is None else int(ignore_index),
+        KIND=kind,
+        HAS_COST=cost is not None,
+        HAS_IGNORE=ignore_index is not None,
+        USE_FP64=stats.dtype == torch.float64,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return grad
+
+
+def row_scores(logits: torch.Tensor, which: int, t: float, block_override=None) -> torch.Tensor:
+    """Launch the scores kernel: (R,) scores in ACC dtype, entries in the order of ``logits`` without dim 1."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
+    out = torch.empty((n_rows,), dtype=acc, device=logits.device)
+    if n_rows == 0:
+        return out
+    block_r, block_c, num_warps = launch_config(logits.shape[1], logits.dtype, block_override)
+    _row_scores_kernel[(triton.cdiv(n_rows, block_r),)](
+        X=logits,
+        Out=out,
+        n_rows=n_rows,
+        n_classes=logits.shape[1],
+        inner=inner,
+        width=width,
+        stride_x_outer=sx_o,
+        stride_x_class=sx_c,
+        stride_x_h=sx_h,
+        stride_x_w=sx_w,
+        p_t=float(t),
+        WHICH=which,
+        USE_FP64=acc == torch.float64,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out
