@@ -17,6 +17,23 @@ Notation (per entry ``i``, ``C`` classes)::
 ``y >= 0`` is ID (set I), ``y < 0`` is OOD (set O). OOD entries are masked, never removed, so group means
 use a device-side count clamped to at least 1 and an empty group gives an exact, attached zero.
 
+Options of every criterion here (keyword-only; ``None``, the default, is the plain criterion):
+
+* ``weight``: a floating tensor broadcastable to the targets' shape (per-sample or per-pixel weights, e.g.
+  region weighting). Entry ``i``'s term ``ℓ_i`` becomes ``w_i·ℓ_i`` before the reduction; the reduction and
+  its normalisers (counts) are unchanged, so ``weight = 1`` gives exactly the plain value. ``weight`` does
+  not change the output dtype and is differentiable (``∂/∂w_i = ℓ_i`` times the reduction's factor).
+* ``cost_matrix``: a ``(C, C)`` floating tensor. The cross-entropy term of each ID entry (and only that
+  term) is scaled by ``ω_i = cost[y_i, argmax_c f_ic]`` (first index on ties); ``ω`` is not differentiated.
+* ``ignore_index``: an int; entries with ``y == ignore_index`` contribute neither loss nor gradient, are left
+  out of every count and normaliser and of every data check (``'none'`` gives 0 there). It takes precedence
+  over the OOD convention: ``ignore_index=-1`` makes ``-1`` entries ignored rather than OOD.
+
+Structure: each functional form is ``setup = prepare_rows(kind, ...)`` (checks, masks, weights),
+``values = <per-row math>`` and ``reduce_rows(kind, values, setup, reduction)``, then
+``setup.checks.flush()``. The fused kernels reuse :func:`prepare_rows` and :func:`reduce_rows` and replace
+only the per-row math.
+
 Dtypes (fix d): float64/float32/bfloat16/float16 logits; the math runs in float64 for float64 input and in
 float32 otherwise, and the result is rounded once to the input dtype.
 
@@ -27,6 +44,8 @@ entry's value is NaN), plus the per-criterion warnings and errors documented bel
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
 from typing import Callable
 from typing import Optional
 
@@ -39,22 +58,24 @@ from ._common import DataChecks
 from ._common import LossInfo
 from ._common import Paper
 from ._common import Representation
+from ._common import ShapeError
 from ._common import Task
-from ._common import apply_reduction
 from ._common import as_rows
 from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_reduction
+from ._common import check_same_device
 from ._common import check_targets
-from ._common import id_mask_with_warning
 from ._common import masked_mean
-from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import row_uniform_cross_entropy
 from ._common import select_id_rows
 
 __all__ = [
+    "RowSetup",
+    "prepare_rows",
+    "reduce_rows",
     "cross_entropy",
     "CrossEntropyLoss",
     "background_class_loss",
@@ -83,10 +104,81 @@ _AGNOSTOPHOBIA = Paper(
 # reductions understood by torch.nn.functional.cross_entropy (None is not one of them)
 _TORCH_REDUCTIONS = ("mean", "sum", "none")
 
+#: the kinds of row criterion :func:`prepare_rows` and :func:`reduce_rows` know
+KINDS = (
+    "cross_entropy",
+    "background",
+    "outlier_exposure",
+    "entropic",
+    "energy",
+    "confidence_penalty",
+    "margin_confidence",
+    "logit_norm",
+)
+
+# logits ranks accepted per kind (None: any rank >= 2)
+_RANKS = {
+    "cross_entropy": None,
+    "background": None,
+    "outlier_exposure": (2, 4),
+    "entropic": (2, 4),
+    "energy": (2, 4),
+    "confidence_penalty": (2, 4),
+    "margin_confidence": (2, 4),
+    "logit_norm": (2,),
+}
+
+# kinds that follow torch.nn.functional.cross_entropy's reduction errors
+_TORCH_REDUCTION_KINDS = ("cross_entropy", "background", "logit_norm")
+
+# kinds whose OOD entries contribute nothing (the loss is over the ID entries only)
+_ID_ONLY_KINDS = ("cross_entropy", "logit_norm")
+
+_BACKGROUND_LABEL_NAME = "targets (OOD entries mapped to the background class)"
+
 
 # ----------------------------------------------------------------------------------------------
-# private building blocks
+# the shared prologue and epilogue of every row criterion (reused by the fused kernels)
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowSetup:
+    """Everything a row criterion needs besides the per-row math, from :func:`prepare_rows`.
+
+    ``R`` is the number of entries, ``targets.numel()``; row ``r`` is entry ``r`` of ``targets.reshape(-1)``
+    (batch-major, then spatial), which is the row order of :func:`as_rows`.
+
+    :ivar out: output dtype (the dtype of ``logits``; ``weight`` and ``cost_matrix`` never change it)
+    :ivar acc: compute dtype (float64 for float64 logits, else float32)
+    :ivar targets: ``(R,)`` int64 labels after any remapping (background: OOD entries -> ``n_classes``);
+        ignored entries keep their label (``ignore_index``)
+    :ivar valid: ``(R,)`` bool, False at ignored entries
+    :ivar is_id: ``(R,)`` bool, ``valid & targets >= 0`` (after the remap: every valid background entry)
+    :ivar is_ood: ``(R,)`` bool, ``valid & targets < 0``
+    :ivar weight: ``(R,)`` per-entry weights in ``acc`` (differentiable), or None
+    :ivar cost: ``(C, C)`` confusion costs in ``acc``, detached, or None
+    :ivar shape: the targets' original shape (of ``'none'`` outputs)
+    :ivar checks: the queued data checks; the caller flushes them once, after :func:`reduce_rows`
+    :ivar ignore_index: the ignored label, or None
+    """
+
+    out: torch.dtype
+    acc: torch.dtype
+    targets: Tensor
+    valid: Tensor
+    is_id: Tensor
+    is_ood: Tensor
+    weight: Optional[Tensor]
+    cost: Optional[Tensor]
+    shape: torch.Size
+    checks: DataChecks
+    ignore_index: Optional[int] = None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
 
 
 def _check_torch_reduction(reduction) -> None:
@@ -95,121 +187,61 @@ def _check_torch_reduction(reduction) -> None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
-def _rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
-    """Flattened rows upcast to the compute dtype, flat targets, and the output dtype."""
-    out, acc = result_dtypes(logits)
-    rows, flat = as_rows(logits, targets)
-    return rows.to(acc), flat, out
-
-
-def _per_entry(values: Tensor, targets: Tensor, out: torch.dtype) -> Tensor:
-    """A per-row result in the targets' shape and the output dtype."""
-    return values.reshape(targets.shape).to(out)
-
-
-def _split_reduction(id_values: Tensor, ood_values: Tensor, is_id: Tensor, targets: Tensor, reduction, out):
-    """Reductions of the criteria whose 'mean' is a sum of separate group means (§3.5 convention).
-
-    ``'mean'`` = mean_I(id_values) + mean_O(ood_values) (an empty group gives an attached 0),
-    ``'sum'`` = Σ_I id_values + Σ_O ood_values, ``'none'``/``None`` = the per-entry mix in the targets' shape.
-    """
-    is_ood = ~is_id
-    if reduction == "mean":
-        return (masked_mean(id_values, is_id) + masked_mean(ood_values, is_ood)).to(out)
-    per_entry = torch.where(is_id, id_values, ood_values)
-    if reduction == "sum":
-        return per_entry.sum().to(out)
-    return _per_entry(per_entry, targets, out)
-
-
-# ----------------------------------------------------------------------------------------------
-# cross-entropy over the ID entries (§2.5, §3.2)
-# ----------------------------------------------------------------------------------------------
-
-
-def _masked_cross_entropy(logits: Tensor, targets: Tensor, reduction, checks: DataChecks) -> Tensor:
-    rows, flat, out = _rows(logits, targets)
-    checks.check_labels_below(flat, rows.shape[1])
-    ce, _ = row_cross_entropy(rows, flat)
-    is_id = flat >= 0
-    if reduction == "mean":
-        return masked_mean(ce, is_id).to(out)
-    if reduction == "sum":
-        return masked_sum(ce, is_id).to(out)
-    zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    return _per_entry(torch.where(is_id, ce, zero), targets, out)
-
-
-def cross_entropy(logits: Tensor, targets: Tensor, reduction: Optional[str] = "mean") -> Tensor:
-    """Cross-entropy over the ID entries; OOD entries (``y < 0``) contribute nothing (LOSS_CONTRACT.md §2.5).
-
-    Per entry ``ℓ_i = CE(f_i, y_i) = lse(f_i) − f_{i, y_i}`` for ``y_i >= 0`` and ``ℓ_i = 0`` for ``y_i < 0``.
-
-    * ``'mean'``: ``Σ_I ℓ_i / N_ID``; an attached zero when ``N_ID = 0`` (empty batch included);
-    * ``'sum'``: ``Σ_I ℓ_i``;
-    * ``'none'`` / ``None``: ``ℓ`` in the targets' shape, exact zeros at OOD entries;
-    * anything else: PyTorch's ``ValueError("<reduction> is not a valid value for reduction")``.
-
-    Never warns. With data checks on, a label ``>= C`` raises :class:`LabelOutOfRangeError`.
-
-    :param logits: ``(B, C, *S)`` with the classes on dim 1, e.g. ``(B, C)``, ``(B, C, H, W)``, ``(B, C, L)``
-    :param targets: ``(B, *S)`` integer labels
-    :return: 0-d for ``'mean'``/``'sum'``, else ``(B, *S)``; in the dtype of ``logits``
-    """
-    check_logits_and_targets(logits, targets, ranks=None)
-    reduction = "none" if reduction is None else reduction
-    _check_torch_reduction(reduction)
-    checks = DataChecks(logits, targets)
-    loss = _masked_cross_entropy(logits, targets, reduction, checks)
-    checks.flush()
-    return loss
-
-
-class CrossEntropyLoss(nn.Module):
-    """Cross-entropy that ignores OOD entries (LOSS_CONTRACT.md §3.2), as :func:`cross_entropy`.
-
-    ``'mean'`` averages over the ID entries (samples or pixels) only; it is an attached 0 when there are
-    none, including the empty batch. ``'sum'`` of an all-OOD batch is 0 and ``'none'`` zero-fills OOD entries.
-
-    With data checks on, any target ``< 0`` emits the ``UserWarning``
-    "Discarding samples with targets < 0 (OOD), which this loss does not use." (segmentation included), and
-    a label ``>= C`` raises :class:`LabelOutOfRangeError`.
-
-    Shapes: ``(B, C)``/``(B,)``, ``(B, C, H, W)``/``(B, H, W)`` and ``(B, C, L)``/``(B, L)``.
-    """
-
-    info = LossInfo(
-        tasks={Task.CLASSIFICATION, Task.SEGMENTATION},
-        inputs={Representation.LOGITS},
-        supervised=False,
-    )
-
-    def __init__(self, reduction: Optional[str] = "mean"):
-        """
-        :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None`` (same as ``'none'``)
-        """
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """
-        :param logits: ``(B, C, *S)``
-        :param targets: ``(B, *S)``; entries ``< 0`` are ignored (with a warning)
-        :return: the loss, see :func:`cross_entropy`
-        """
-        check_logits_and_targets(logits, targets, ranks=None)
-        reduction = "none" if self.reduction is None else self.reduction
+def _check_reduction_of(kind: str, reduction) -> None:
+    """The reduction error of criterion ``kind``, raised before any work is done."""
+    if kind == "cross_entropy":
+        _check_torch_reduction("none" if reduction is None else reduction)
+    elif kind in _TORCH_REDUCTION_KINDS:
         _check_torch_reduction(reduction)
-        checks = DataChecks(logits, targets)
-        checks.warn_if((targets < 0).any(), DROP_UNKNOWN_MESSAGE)
-        loss = _masked_cross_entropy(logits, targets, reduction, checks)
-        checks.flush()
-        return loss
+    else:
+        check_reduction(reduction)
 
 
-# ----------------------------------------------------------------------------------------------
-# background class (§3.1)
-# ----------------------------------------------------------------------------------------------
+def _check_ignore_index(ignore_index) -> Optional[int]:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, Tensor)):
+        raise TypeError(f"ignore_index: expected an int label, got {type(ignore_index).__name__}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index: expected an int label, got {type(ignore_index).__name__}") from None
+
+
+def _broadcastable(shape: tuple, target: tuple) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (numpy rules, ``target`` unchanged)."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _flat_weight(weight, logits: Tensor, targets: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """``weight`` checked, broadcast to the targets' shape and flattened to ``(R,)`` in ``acc``."""
+    if weight is None:
+        return None
+    check_floating("weight", weight)
+    if not _broadcastable(tuple(weight.shape), tuple(targets.shape)):
+        raise ShapeError(
+            f"weight: expected a shape broadcastable to the targets' shape {tuple(targets.shape)} "
+            f"(one weight per entry), got {tuple(weight.shape)}"
+        )
+    check_same_device(logits=logits, weight=weight)
+    return torch.broadcast_to(weight, targets.shape).reshape(-1).to(acc)
+
+
+def _checked_cost(cost_matrix, logits: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """``cost_matrix`` checked against ``C = logits.shape[1]``, detached, in ``acc``."""
+    if cost_matrix is None:
+        return None
+    check_floating("cost_matrix", cost_matrix)
+    n_columns = logits.shape[1]
+    if tuple(cost_matrix.shape) != (n_columns, n_columns):
+        raise ShapeError(
+            f"cost_matrix: expected shape ({n_columns}, {n_columns}) (C x C, C = logits.shape[1]), "
+            f"got {tuple(cost_matrix.shape)}"
+        )
+    check_same_device(logits=logits, cost_matrix=cost_matrix)
+    return cost_matrix.detach().to(acc)
 
 
 def _label_too_large() -> Callable[[float], None]:
@@ -223,51 +255,373 @@ def _label_too_large() -> Callable[[float], None]:
     return action
 
 
-def background_class_loss(logits: Tensor, targets: Tensor, n_classes: int, reduction: str = "mean") -> Tensor:
+def prepare_rows(
+    kind: str,
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    reduction,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
+    n_classes: Optional[int] = None,
+    targets_name: str = "targets",
+    warn_ood: Optional[bool] = None,
+) -> RowSetup:
+    """Checks, masks and per-entry weights of one call of row criterion ``kind`` (the shared prologue).
+
+    Runs the always-on metadata checks (rank, shapes, dtypes, devices, reduction, ``weight``, ``cost_matrix``,
+    ``ignore_index``), raising at once, and queues the data checks (warnings, label errors) on
+    ``RowSetup.checks`` without reading them: the caller flushes once, after :func:`reduce_rows`.
+    ``logits`` are only inspected, never flattened or copied.
+
+    :param kind: one of :data:`KINDS`
+    :param logits: ``(B, C, *S)``, classes on dim 1
+    :param targets: ``(B, *S)`` integer labels (``< 0`` OOD)
+    :param reduction: the criterion's reduction, validated with the criterion's own error
+    :param weight: optional, broadcastable to the targets' shape
+    :param cost_matrix: optional ``(C, C)``
+    :param ignore_index: optional ignored label
+    :param n_classes: the ``N`` of ``kind='background'`` (OOD entries are remapped to ``N``); unused otherwise
+    :param targets_name: the targets' argument name in error messages
+    :param warn_ood: queue the drop-unknown ``UserWarning`` when a (non-ignored) OOD entry is present;
+        None: only for ``'logit_norm'``
+    :return: a :class:`RowSetup`
+    """
+    _check_kind(kind)
+    if kind == "logit_norm":
+        check_floating("logits", logits)
+        check_targets(targets_name, targets)
+        if targets.dim() != 1:
+            raise ValueError(f"Expected targets of shape B, got {tuple(targets.shape)}")
+    check_logits_and_targets(logits, targets, ranks=_RANKS[kind], targets_name=targets_name)
+    _check_reduction_of(kind, reduction)
+    if kind == "background" and n_classes is None:
+        raise ValueError("n_classes: required for kind 'background'")
+    ignore_index = _check_ignore_index(ignore_index)
+    out, acc = result_dtypes(logits)
+    flat_weight = _flat_weight(weight, logits, targets, acc)
+    cost = _checked_cost(cost_matrix, logits, acc)
+    n_columns = logits.shape[1]
+
+    checks = DataChecks(logits, targets, weight)
+    flat = targets.reshape(-1).long()
+    if ignore_index is None:
+        valid = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+    else:
+        valid = flat != ignore_index
+    if warn_ood is None:
+        warn_ood = kind == "logit_norm"
+    if warn_ood:
+        checks.warn_if((valid & (flat < 0)).any(), DROP_UNKNOWN_MESSAGE)
+
+    label_name = targets_name
+    if kind == "background":
+        if checks.active and flat.numel():
+            # the max (non-ignored) label when one is too large, else -1 (no action)
+            top = torch.where(valid, flat, torch.full_like(flat, -1)).max()
+            checks.add(torch.where(top >= n_classes, top, torch.full_like(top, -1)), _label_too_large())
+        flat = torch.where(valid & (flat < 0), torch.full_like(flat, n_classes), flat)
+        label_name = _BACKGROUND_LABEL_NAME
+    if checks.active:
+        checks.check_labels_below(torch.where(valid, flat, torch.full_like(flat, -1)), n_columns, name=label_name)
+    return RowSetup(
+        out=out,
+        acc=acc,
+        targets=flat,
+        valid=valid,
+        is_id=valid & (flat >= 0),
+        is_ood=valid & (flat < 0),
+        weight=flat_weight,
+        cost=cost,
+        shape=targets.shape,
+        checks=checks,
+        ignore_index=ignore_index,
+    )
+
+
+def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor:
+    """The reduction of row criterion ``kind`` (the shared epilogue), in ``setup.out``.
+
+    ``values`` are the ``(R,)`` per-entry terms ``ℓ_i`` in ``setup.acc``, **exactly 0** at every entry that
+    does not contribute (ignored entries always; OOD entries for ``'cross_entropy'`` and ``'logit_norm'``);
+    they are masked again here, so a non-finite value there cannot leak. Invalid labels (``>= C``) carry NaN.
+    With ``setup.weight`` each term becomes ``w_i·ℓ_i``; the normalisers never change:
+
+    * ``'cross_entropy'``: ``'mean'`` over the ID entries (an attached 0 when there are none), ``'sum'``,
+      ``'none'``/``None`` in the targets' shape;
+    * ``'background'``: ``torch.nn.functional.cross_entropy`` semantics over the valid entries: ``'mean'``
+      (NaN when there are none), ``'sum'``, ``'none'``; ``None`` raises;
+    * ``'outlier_exposure'``/``'entropic'``: one ``'mean'`` over the valid entries (NaN when there are none),
+      ``'sum'``, ``'none'``/``None``;
+    * ``'energy'``/``'confidence_penalty'``/``'margin_confidence'``: ``'mean'`` = ``mean_I + mean_O``
+      (separate group means, an empty group gives an attached 0), ``'sum'``, ``'none'``/``None``;
+    * ``'logit_norm'``: ``'mean'`` over ID (attached 0 when none), ``'sum'``, ``'none'`` = the ``N_ID`` ID
+      entries in order (one host read, :func:`select_id_rows`); ``None`` raises.
+
+    Ignored entries are 0 in every ``'none'`` output (left out of LogitNorm's).
+    """
+    _check_kind(kind)
+    _check_reduction_of(kind, reduction)
+    mask = setup.is_id if kind in _ID_ONLY_KINDS else setup.valid
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(mask, values, zero)
+    if setup.weight is not None:
+        values = values * torch.where(mask, setup.weight.to(values.dtype), zero)
+    if reduction == "sum":
+        return values.sum().to(setup.out)
+    if reduction == "mean":
+        if kind in _ID_ONLY_KINDS:
+            return masked_mean(values, setup.is_id).to(setup.out)
+        if kind in ("energy", "confidence_penalty", "margin_confidence"):
+            loss = masked_mean(values, setup.is_id) + masked_mean(values, setup.is_ood)
+            return loss.to(setup.out)
+        # PyTorch's convention: divide by the (unclamped) count, so an empty batch gives NaN
+        return (values.sum() / setup.valid.sum().to(values.dtype)).to(setup.out)
+    if kind == "logit_norm":
+        return select_id_rows(values, setup.is_id).to(setup.out)
+    return values.reshape(setup.shape).to(setup.out)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row building blocks of the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc_rows(logits: Tensor, setup: RowSetup) -> Tensor:
+    """``(R, C)`` rows in the compute dtype (the reference may copy; the kernels read in place)."""
+    rows, _ = as_rows(logits, setup.targets)
+    return rows.to(setup.acc)
+
+
+def _with_cost(ce: Tensor, rows: Tensor, setup: RowSetup) -> Tensor:
+    """``ω_i·CE_i`` with ``ω_i = cost[y_i, argmax_c f_ic]`` (first index on ties, not differentiated)."""
+    if setup.cost is None:
+        return ce
+    n_columns = setup.cost.shape[0]
+    label = setup.targets.clamp(0, max(n_columns - 1, 0))
+    omega = setup.cost[label, rows.detach().argmax(dim=1)]
+    return ce * omega
+
+
+def _id_or_ood(id_values: Tensor, ood_values: Optional[Tensor], setup: RowSetup) -> Tensor:
+    """Per-row values: ``id_values`` at ID entries, ``ood_values`` at OOD entries, exact zeros elsewhere."""
+    zero = torch.zeros((), dtype=id_values.dtype, device=id_values.device)
+    other = zero if ood_values is None else torch.where(setup.is_ood, ood_values, zero)
+    return torch.where(setup.is_id, id_values, other)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy over the ID entries (§2.5, §3.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cross_entropy(logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood: bool) -> Tensor:
+    setup = prepare_rows(
+        "cross_entropy",
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        warn_ood=warn_ood,
+    )
+    rows = _acc_rows(logits, setup)
+    ce, _ = row_cross_entropy(rows, setup.targets)
+    values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
+    loss = reduce_rows("cross_entropy", values, setup, reduction)
+    setup.checks.flush()
+    return loss
+
+
+def cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    reduction: Optional[str] = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
+    warn_ood: bool = False,
+) -> Tensor:
+    """Cross-entropy over the ID entries; OOD entries (``y < 0``) contribute nothing (LOSS_CONTRACT.md §2.5).
+
+    Per entry ``ℓ_i = w_i·ω_i·CE(f_i, y_i) = w_i·ω_i·(lse(f_i) − f_{i, y_i})`` for ``y_i >= 0`` and ``ℓ_i = 0``
+    for ``y_i < 0`` and for ignored entries (``w_i = 1`` without ``weight``, ``ω_i = 1`` without ``cost_matrix``).
+
+    * ``'mean'``: ``Σ_I ℓ_i / N_ID``; an attached zero when ``N_ID = 0`` (empty batch included);
+    * ``'sum'``: ``Σ_I ℓ_i``;
+    * ``'none'`` / ``None``: ``ℓ`` in the targets' shape, exact zeros at OOD and ignored entries;
+    * anything else: PyTorch's ``ValueError("<reduction> is not a valid value for reduction")``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, the normaliser ``N_ID``
+    is unchanged; ``cost_matrix`` ``(C, C)`` gives ``ω_i = cost[y_i, argmax_c f_ic]`` (not differentiated);
+    entries with ``y == ignore_index`` are left out of the terms and of ``N_ID``.
+
+    Never warns unless ``warn_ood=True`` (what :class:`CrossEntropyLoss` does): then pytorch-ood's drop-unknown
+    ``UserWarning`` is emitted when a (non-ignored) OOD entry is present. With data checks on, a (non-ignored)
+    label ``>= C`` raises :class:`LabelOutOfRangeError`.
+
+    :param logits: ``(B, C, *S)`` with the classes on dim 1, e.g. ``(B, C)``, ``(B, C, H, W)``, ``(B, C, L)``
+    :param targets: ``(B, *S)`` integer labels
+    :param weight: optional floating weights broadcastable to ``(B, *S)``
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
+    :param warn_ood: emit the drop-unknown warning when OOD entries are present (as :class:`CrossEntropyLoss`)
+    :return: 0-d for ``'mean'``/``'sum'``, else ``(B, *S)``; in the dtype of ``logits``
+    """
+    return _cross_entropy(logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood=warn_ood)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Cross-entropy that ignores OOD entries (LOSS_CONTRACT.md §3.2), as :func:`cross_entropy`.
+
+    ``'mean'`` averages over the ID entries (samples or pixels) only; it is an attached 0 when there are
+    none, including the empty batch. ``'sum'`` of an all-OOD batch is 0 and ``'none'`` zero-fills OOD entries.
+
+    With data checks on, any (non-ignored) target ``< 0`` emits the ``UserWarning``
+    "Discarding samples with targets < 0 (OOD), which this loss does not use." (segmentation included), and
+    a label ``>= C`` raises :class:`LabelOutOfRangeError`.
+
+    Options: ``cost_matrix`` ``(C, C)`` (stored as the non-persistent buffer ``cost_matrix``) scales each ID
+    term by ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s
+    ``weight`` (broadcastable to the targets' shape) multiplies each term. See :func:`cross_entropy`.
+
+    Shapes: ``(B, C)``/``(B,)``, ``(B, C, H, W)``/``(B, H, W)`` and ``(B, C, L)``/``(B, L)``.
+    """
+
+    info = LossInfo(
+        tasks={Task.CLASSIFICATION, Task.SEGMENTATION},
+        inputs={Representation.LOGITS},
+        supervised=False,
+    )
+
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(cross_entropy)
+
+    def __init__(
+        self,
+        reduction: Optional[str] = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
+        """
+        :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None`` (same as ``'none'``)
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
+        :param ignore_index: optional label whose entries are left out
+        """
+        super().__init__()
+        self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
+
+    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """
+        :param logits: ``(B, C, *S)``
+        :param targets: ``(B, *S)``; entries ``< 0`` are ignored (with a warning)
+        :param weight: optional weights broadcastable to ``(B, *S)``
+        :return: the loss, see :func:`cross_entropy`
+        """
+        return self._loss_fn(
+            logits,
+            targets,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+            warn_ood=True,
+        )
+
+
+def _init_options(module: nn.Module, cost_matrix: Optional[Tensor], ignore_index: Optional[int]) -> None:
+    """Store the options of a row criterion: ``cost_matrix`` as a non-persistent buffer (kept out of the
+    state_dict, so the keys stay pytorch-ood's, but moved by ``.to(device)``), ``ignore_index`` as an attribute."""
+    if cost_matrix is not None:
+        check_floating("cost_matrix", cost_matrix)
+        if cost_matrix.dim() != 2 or cost_matrix.shape[0] != cost_matrix.shape[1]:
+            raise ShapeError(f"cost_matrix: expected a square (C, C) matrix, got shape {tuple(cost_matrix.shape)}")
+    module.register_buffer("cost_matrix", cost_matrix, persistent=False)
+    module.ignore_index = _check_ignore_index(ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# background class (§3.1)
+# ----------------------------------------------------------------------------------------------
+
+
+def background_class_loss(
+    logits: Tensor,
+    targets: Tensor,
+    n_classes: int,
+    reduction: str = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
+) -> Tensor:
     """Cross-entropy with OOD entries mapped to an extra background class (LOSS_CONTRACT.md §3.1).
 
     With ``N = n_classes`` and the background class in the last column ``N``::
 
-        ỹ_i = y_i if y_i >= 0 else N,        ℓ_i = CE(f_i, ỹ_i) = lse(f_i) − f_{i, ỹ_i}
+        ỹ_i = y_i if y_i >= 0 else N,        ℓ_i = w_i·ω_i·CE(f_i, ỹ_i) = w_i·ω_i·(lse(f_i) − f_{i, ỹ_i})
 
-    The caller's ``targets`` are not modified. Reductions follow ``torch.nn.functional.cross_entropy``:
+    (``w_i = 1`` without ``weight``, ``ω_i = 1`` without ``cost_matrix``). The caller's ``targets`` are not
+    modified. Reductions follow ``torch.nn.functional.cross_entropy`` over the non-ignored entries:
 
     * ``'mean'``: mean of ``ℓ`` over **all** entries (ID and OOD); NaN for an empty batch;
     * ``'sum'``: ``Σ_i ℓ_i``;
-    * ``'none'``: ``ℓ`` in the targets' shape;
+    * ``'none'``: ``ℓ`` in the targets' shape (0 at ignored entries);
     * ``None`` or anything else: ``ValueError("<reduction> is not a valid value for reduction")``.
 
-    Data checks (§2.11): a label ``>= N`` raises ``ValueError("Target label to large: <max label>")`` (the
-    reference's message, typo kept, e.g. ``tensor(255)``), and OOD entries with only ``N`` logit columns
-    raise :class:`LabelOutOfRangeError` (an ``IndexError``). With the checks off, an entry whose (remapped)
-    label has no logit column gives NaN.
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, the normaliser (the number
+    of non-ignored entries) is unchanged; ``cost_matrix`` ``(N + 1, N + 1)`` gives
+    ``ω_i = cost[ỹ_i, argmax_c f_ic]`` for every entry, OOD ones included (not differentiated); entries with
+    ``y == ignore_index`` are left out (checked before the remap: ``ignore_index=-1`` keeps ``-1`` entries out
+    of the background class).
+
+    Data checks (§2.11): a (non-ignored) label ``>= N`` raises ``ValueError("Target label to large: <max
+    label>")`` (the reference's message, typo kept, e.g. ``tensor(255)``), and OOD entries with only ``N`` logit
+    columns raise :class:`LabelOutOfRangeError` (an ``IndexError``). With the checks off, an entry whose
+    (remapped) label has no logit column gives NaN.
 
     :param logits: ``(B, N + 1)`` or ``(B, N + 1, *S)`` (classes on dim 1), or an unbatched ``(N + 1,)``
     :param targets: ``(B,)`` or ``(B, *S)`` (``()`` for unbatched logits)
     :param n_classes: number of ID classes ``N``
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(N + 1, N + 1)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
     if isinstance(logits, Tensor) and logits.dim() == 1 and isinstance(targets, Tensor) and targets.dim() == 0:
         # unbatched input, as torch's cross-entropy accepts it
-        loss = background_class_loss(logits.unsqueeze(0), targets.unsqueeze(0), n_classes, reduction)
+        if isinstance(weight, Tensor) and weight.dim() == 0:
+            weight = weight.unsqueeze(0)
+        loss = background_class_loss(
+            logits.unsqueeze(0),
+            targets.unsqueeze(0),
+            n_classes,
+            reduction,
+            weight=weight,
+            cost_matrix=cost_matrix,
+            ignore_index=ignore_index,
+        )
         return loss.reshape(()) if reduction == "none" else loss
-    check_logits_and_targets(logits, targets, ranks=None)
-    _check_torch_reduction(reduction)
-    checks = DataChecks(logits, targets)
-    if checks.active and targets.numel():
-        # the max label when one is too large, else -1 (no action)
-        top = targets.max()
-        checks.add(torch.where(top >= n_classes, top, torch.full_like(top, -1)), _label_too_large())
-
-    rows, flat, out = _rows(logits, targets)
-    remapped = torch.where(flat < 0, torch.full_like(flat, n_classes), flat)
-    checks.check_labels_below(remapped, rows.shape[1], name="targets (OOD entries mapped to the background class)")
-    ce, _ = row_cross_entropy(rows, remapped)
-    if reduction == "none":
-        loss = _per_entry(ce, targets, out)
-    else:
-        loss = apply_reduction(ce, reduction).to(out)
-    checks.flush()
+    setup = prepare_rows(
+        "background",
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        n_classes=n_classes,
+    )
+    rows = _acc_rows(logits, setup)
+    ce, _ = row_cross_entropy(rows, setup.targets)
+    values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
+    loss = reduce_rows("background", values, setup, reduction)
+    setup.checks.flush()
     return loss
 
 
@@ -276,6 +630,10 @@ class BackgroundClassLoss(nn.Module):
 
     The network has ``N + 1`` outputs; OOD entries (``y < 0``) are trained towards the last one.
     ``reduction=None`` raises ``ValueError("None is not a valid value for reduction")``.
+
+    Options: ``cost_matrix`` ``(N + 1, N + 1)`` (non-persistent buffer ``cost_matrix``) scales every term by
+    ``cost[ỹ_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term. See :func:`background_class_loss`.
     """
 
     info = LossInfo(
@@ -285,22 +643,44 @@ class BackgroundClassLoss(nn.Module):
         paper=_AGNOSTOPHOBIA,
     )
 
-    def __init__(self, n_classes: int, reduction: str = "mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(background_class_loss)
+
+    def __init__(
+        self,
+        n_classes: int,
+        reduction: str = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
         """
         :param n_classes: number of ID classes ``N`` (the background class is not counted)
         :param reduction: ``'mean'``, ``'sum'`` or ``'none'``
+        :param cost_matrix: optional ``(N + 1, N + 1)`` confusion costs
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.num_classes = n_classes
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, N + 1)`` or ``(B, N + 1, H, W)``
         :param targets: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` go to the background class ``N``
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`background_class_loss`
         """
-        return background_class_loss(logits, targets, self.num_classes, self.reduction)
+        return self._loss_fn(
+            logits,
+            targets,
+            self.num_classes,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,50 +688,73 @@ class BackgroundClassLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _ce_or_uniform(logits: Tensor, targets: Tensor, alpha: float, reduction) -> Tensor:
-    """``CE(f_i, y_i)`` if ID, ``alpha·U(f_i)`` if OOD, then apply_reduction over all entries."""
-    check_logits_and_targets(logits, targets, ranks=(2, 4), targets_name="target")
-    check_reduction(reduction)
-    checks = DataChecks(logits, targets)
-    rows, flat, out = _rows(logits, targets)
-    checks.check_labels_below(flat, rows.shape[1], name="target")
-    ce, lse = row_cross_entropy(rows, flat)
+def _ce_or_uniform(kind: str, logits, targets, alpha: float, reduction, weight, cost_matrix, ignore_index) -> Tensor:
+    """``ω_i·CE(f_i, y_i)`` if ID, ``alpha·U(f_i)`` if OOD, reduced over all non-ignored entries."""
+    setup = prepare_rows(
+        kind,
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        targets_name="target",
+    )
+    rows = _acc_rows(logits, setup)
+    ce, lse = row_cross_entropy(rows, setup.targets)
     uniform = row_uniform_cross_entropy(rows, lse)
-    per_entry = torch.where(flat >= 0, ce, alpha * uniform)
-    if reduction is None or reduction == "none":
-        loss = _per_entry(per_entry, targets, out)
-    else:
-        loss = apply_reduction(per_entry, reduction).to(out)
-    checks.flush()
+    values = _id_or_ood(_with_cost(ce, rows, setup), alpha * uniform, setup)
+    loss = reduce_rows(kind, values, setup, reduction)
+    setup.checks.flush()
     return loss
 
 
 def outlier_exposure_loss(
-    logits: Tensor, targets: Tensor, alpha: float = 0.5, reduction: Optional[str] = "mean"
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float = 0.5,
+    reduction: Optional[str] = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
 ) -> Tensor:
     """Outlier Exposure loss as pytorch-ood implements it (LOSS_CONTRACT.md §3.3).
 
-    Per entry::
+    Per entry (``w_i = 1`` without ``weight``, ``ω_i = 1`` without ``cost_matrix``)::
 
-        ℓ_i = CE(f_i, y_i)                          if y_i >= 0
-        ℓ_i = α·U(f_i) = α·(lse(f_i) − mean_c f_ic)   if y_i < 0
+        ℓ_i = w_i·ω_i·CE(f_i, y_i)                          if y_i >= 0
+        ℓ_i = w_i·α·U(f_i) = w_i·α·(lse(f_i) − mean_c f_ic)   if y_i < 0
 
-    * ``'mean'``: **one** mean over all entries, ``(Σ_I CE + α·Σ_O U) / (N_ID + N_OOD)`` (the paper uses two
+    * ``'mean'``: **one** mean over all entries, ``(Σ_I ℓ_i + Σ_O ℓ_i) / (N_ID + N_OOD)`` (the paper uses two
       separate means; the reference's convention is kept). NaN for an empty batch;
     * ``'sum'``: ``Σ_i ℓ_i``; ``'none'``/``None``: ``ℓ`` in the targets' shape;
     * anything else: bare ``ValueError``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, ``N_ID + N_OOD`` is
+    unchanged; ``cost_matrix`` ``(C, C)`` scales the ID cross-entropy only, by ``ω_i = cost[y_i, argmax_c f_ic]``
+    (not differentiated); entries with ``y == ignore_index`` are left out of the terms and the counts
+    (0 in ``'none'``).
 
     With ``alpha = 1`` this equals :func:`entropic_open_set_loss` in every reduction.
 
     :param logits: ``(B, C)`` or ``(B, C, H, W)``; other ranks raise ``ValueError("Unsupported input shape: ...")``
     :param targets: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    return _ce_or_uniform(logits, targets, alpha, reduction)
+    return _ce_or_uniform("outlier_exposure", logits, targets, alpha, reduction, weight, cost_matrix, ignore_index)
 
 
 class OutlierExposureLoss(nn.Module):
-    """Outlier Exposure (Hendrycks et al., ICLR 2019), see :func:`outlier_exposure_loss` (§3.3)."""
+    """Outlier Exposure (Hendrycks et al., ICLR 2019), see :func:`outlier_exposure_loss` (§3.3).
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales the ID cross-entropy by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term.
+    """
 
     info = LossInfo(
         tasks={Task.CLASSIFICATION, Task.SEGMENTATION},
@@ -365,46 +768,88 @@ class OutlierExposureLoss(nn.Module):
         ),
     )
 
-    def __init__(self, alpha: float = 0.5, reduction: Optional[str] = "mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(outlier_exposure_loss)
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        reduction: Optional[str] = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
         """
         :param alpha: weight ``α`` of the OOD term
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.alpha = alpha
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)`` or ``(B, C, H, W)``
         :param target: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`outlier_exposure_loss`
         """
-        return _ce_or_uniform(logits, target, self.alpha, self.reduction)
+        return self._loss_fn(
+            logits,
+            target,
+            self.alpha,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
-def entropic_open_set_loss(logits: Tensor, targets: Tensor, reduction: Optional[str] = "mean") -> Tensor:
+def entropic_open_set_loss(
+    logits: Tensor,
+    targets: Tensor,
+    reduction: Optional[str] = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
+) -> Tensor:
     """Entropic open-set loss (LOSS_CONTRACT.md §3.4).
 
-    Per entry::
+    Per entry (``w_i = 1`` without ``weight``, ``ω_i = 1`` without ``cost_matrix``)::
 
-        ℓ_i = CE(f_i, y_i)                                         if y_i >= 0
-        ℓ_i = U(f_i) = −(1/C) Σ_c log softmax(f_i)_c                if y_i < 0
+        ℓ_i = w_i·ω_i·CE(f_i, y_i)                                   if y_i >= 0
+        ℓ_i = w_i·U(f_i) = −w_i·(1/C) Σ_c log softmax(f_i)_c          if y_i < 0
 
-    ``'mean'`` over all entries (NaN for an empty batch), ``'sum'``, ``'none'``/``None`` per entry in the
-    targets' shape; anything else raises a bare ``ValueError``.
+    ``'mean'`` over all non-ignored entries (NaN for an empty batch), ``'sum'``, ``'none'``/``None`` per entry in
+    the targets' shape; anything else raises a bare ``ValueError``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, the count is unchanged;
+    ``cost_matrix`` ``(C, C)`` scales the ID cross-entropy only, by ``ω_i = cost[y_i, argmax_c f_ic]`` (not
+    differentiated); entries with ``y == ignore_index`` are left out of the terms and the count.
 
     Pinned (float64): logits ``[[2, 0, 0], [1, 0, −1]]``, ``y = [0, −1]`` give 0.8235753653.
 
     :param logits: ``(B, C)`` or ``(B, C, H, W)``; other ranks raise ``ValueError("Unsupported input shape: ...")``
     :param targets: ``(B,)`` or ``(B, H, W)``
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    return _ce_or_uniform(logits, targets, 1.0, reduction)
+    return _ce_or_uniform("entropic", logits, targets, 1.0, reduction, weight, cost_matrix, ignore_index)
 
 
 class EntropicOpenSetLoss(nn.Module):
-    """Entropic open-set loss (Dhamija et al., NeurIPS 2018), see :func:`entropic_open_set_loss` (§3.4)."""
+    """Entropic open-set loss (Dhamija et al., NeurIPS 2018), see :func:`entropic_open_set_loss` (§3.4).
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales the ID cross-entropy by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term.
+    """
 
     info = LossInfo(
         tasks={Task.CLASSIFICATION, Task.SEGMENTATION},
@@ -413,20 +858,40 @@ class EntropicOpenSetLoss(nn.Module):
         paper=_AGNOSTOPHOBIA,
     )
 
-    def __init__(self, reduction: Optional[str] = "mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(entropic_open_set_loss)
+
+    def __init__(
+        self,
+        reduction: Optional[str] = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
         """
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)`` or ``(B, C, H, W)``
         :param target: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`entropic_open_set_loss`
         """
-        return _ce_or_uniform(logits, target, 1.0, self.reduction)
+        return self._loss_fn(
+            logits,
+            target,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,15 +899,26 @@ class EntropicOpenSetLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _group_terms(logits: Tensor, targets: Tensor, reduction, name: str = "targets"):
-    """Shared prologue: checks, rows, per-row CE and lse, and the ID mask."""
-    check_logits_and_targets(logits, targets, ranks=(2, 4), targets_name=name)
-    check_reduction(reduction)
-    checks = DataChecks(logits, targets)
-    rows, flat, out = _rows(logits, targets)
-    checks.check_labels_below(flat, rows.shape[1], name=name)
-    ce, lse = row_cross_entropy(rows, flat)
-    return checks, rows, flat, out, ce, lse, flat >= 0
+def _group_setup(kind: str, logits, targets, reduction, weight, cost_matrix, ignore_index):
+    """Shared prologue: the setup, the rows in the compute dtype, the (cost-scaled) CE and lse per row."""
+    setup = prepare_rows(
+        kind,
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+    )
+    rows = _acc_rows(logits, setup)
+    ce, lse = row_cross_entropy(rows, setup.targets)
+    return setup, rows, _with_cost(ce, rows, setup), lse
+
+
+def _finish(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor:
+    loss = reduce_rows(kind, values, setup, reduction)
+    setup.checks.flush()
+    return loss
 
 
 def energy_regularized_loss(
@@ -452,44 +928,53 @@ def energy_regularized_loss(
     margin_in: float = -25.0,
     margin_out: float = -7.0,
     reduction: str = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy plus the energy-margin regulariser of Liu et al. 2020 (LOSS_CONTRACT.md §3.5).
 
-    With ``E_i = −lse(f_i)``::
+    With ``E_i = −lse(f_i)`` (``w_i = 1`` without ``weight``, ``ω_i = 1`` without ``cost_matrix``)::
 
-        nll_i = CE(f_i, y_i) if y_i >= 0 else 0
-        h_i   = relu(E_i − margin_in)²  if y_i >= 0
-        h_i   = relu(margin_out − E_i)² if y_i < 0
+        ℓ_i = w_i·(ω_i·CE(f_i, y_i) + α·relu(E_i − margin_in)²)   if y_i >= 0
+        ℓ_i = w_i·α·relu(margin_out − E_i)²                        if y_i < 0
 
-    * ``'mean'``: ``mean_I(nll) + α·(mean_I(h) + mean_O(h))`` with **separate** group means (an empty group
-      contributes an attached 0; all-OOD gives ``α·mean_O(h)``, the empty batch 0). This is not the mean of
-      ``'none'``;
-    * ``'none'``/``None``: ``nll_i + α·h_i`` in the targets' shape; ``'sum'``: their sum;
+    * ``'mean'``: ``mean_I(ℓ) + mean_O(ℓ)``, i.e. ``mean_I(nll) + α·(mean_I(h) + mean_O(h))`` with **separate**
+      group means (an empty group contributes an attached 0; all-OOD gives ``α·mean_O(h)``, the empty batch 0).
+      This is not the mean of ``'none'``;
+    * ``'none'``/``None``: ``ℓ`` in the targets' shape; ``'sum'``: its sum;
     * anything else: bare ``ValueError``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each entry's whole term, the group
+    counts are unchanged; ``cost_matrix`` ``(C, C)`` scales the ID cross-entropy only (not the energy hinge),
+    by ``ω_i = cost[y_i, argmax_c f_ic]`` (not differentiated); entries with ``y == ignore_index`` are left out
+    of the terms and the counts (0 in ``'none'``).
 
     Pinned: defaults, logits ``zeros(2, 2)``, ``y = [0, −1]``: 'mean' 59.7754566, 'none' ``[59.7754566, 0]``.
 
     :param logits: ``(B, C)`` or ``(B, C, H, W)``; other ranks raise ``ValueError("Unsupported input shape: ...")``
     :param targets: ``(B,)`` or ``(B, H, W)``
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    checks, _, _, out, ce, lse, is_id = _group_terms(logits, targets, reduction)
+    setup, _, ce, lse = _group_setup("energy", logits, targets, reduction, weight, cost_matrix, ignore_index)
     energy = -lse
-    hinge = torch.where(is_id, (energy - margin_in).relu().pow(2), (margin_out - energy).relu().pow(2))
-    if reduction == "mean":
-        loss = (masked_mean(ce, is_id) + alpha * (masked_mean(hinge, is_id) + masked_mean(hinge, ~is_id))).to(out)
-    else:
-        zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
-        per_entry = torch.where(is_id, ce, zero) + alpha * hinge
-        loss = per_entry.sum().to(out) if reduction == "sum" else _per_entry(per_entry, targets, out)
-    checks.flush()
-    return loss
+    id_values = ce + alpha * (energy - margin_in).relu().pow(2)
+    ood_values = alpha * (margin_out - energy).relu().pow(2)
+    return _finish("energy", _id_or_ood(id_values, ood_values, setup), setup, reduction)
 
 
 class EnergyRegularizedLoss(nn.Module):
     """Energy-regularised cross-entropy (Liu et al., NeurIPS 2020), see :func:`energy_regularized_loss`.
 
     The defaults are the paper's CIFAR values.
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales the ID cross-entropy by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term.
     """
 
     info = LossInfo(
@@ -504,32 +989,52 @@ class EnergyRegularizedLoss(nn.Module):
         ),
     )
 
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(energy_regularized_loss)
+
     def __init__(
         self,
         alpha: float = 0.1,
         margin_in: float = -25.0,
         margin_out: float = -7.0,
         reduction: str = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
     ):
         """
         :param alpha: weight ``α`` of the regulariser
         :param margin_in: energy margin ``m_in`` of ID entries
         :param margin_out: energy margin ``m_out`` of OOD entries
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.m_in = margin_in
         self.m_out = margin_out
         self.alpha = alpha
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)`` or ``(B, C, H, W)``
         :param targets: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`energy_regularized_loss`
         """
-        return energy_regularized_loss(logits, targets, self.alpha, self.m_in, self.m_out, self.reduction)
+        return self._loss_fn(
+            logits,
+            targets,
+            self.alpha,
+            self.m_in,
+            self.m_out,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
 def _max_softmax(rows: Tensor, lse: Tensor) -> Tensor:
@@ -538,22 +1043,34 @@ def _max_softmax(rows: Tensor, lse: Tensor) -> Tensor:
 
 
 def confidence_penalty_loss(
-    logits: Tensor, targets: Tensor, lambda_ood: float = 0.1, reduction: Optional[str] = "mean"
+    logits: Tensor,
+    targets: Tensor,
+    lambda_ood: float = 0.1,
+    reduction: Optional[str] = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy on ID entries plus a penalty on the confidence of OOD entries (design notes, SPEC §2).
 
-    With ``π_i = max_c softmax(f_i)_c`` (the maximum softmax probability, in ``[1/C, 1]``)::
+    With ``π_i = max_c softmax(f_i)_c`` (the maximum softmax probability, in ``[1/C, 1]``), ``w_i = 1`` without
+    ``weight`` and ``ω_i = 1`` without ``cost_matrix``::
 
-        ℓ_i = CE(f_i, y_i)    if y_i >= 0
-        ℓ_i = λ·π_i           if y_i < 0            (λ = lambda_ood)
+        ℓ_i = w_i·ω_i·CE(f_i, y_i)    if y_i >= 0
+        ℓ_i = w_i·λ·π_i               if y_i < 0            (λ = lambda_ood)
 
     Reductions, with the conventions of :func:`energy_regularized_loss`:
 
-    * ``'mean'``: ``mean_I CE + λ·mean_O π`` (separate group means; an empty group contributes an exact,
+    * ``'mean'``: ``mean_I ℓ + mean_O ℓ`` (separate group means; an empty group contributes an exact,
       attached 0, so an all-OOD batch gives ``λ·mean_O π`` and the empty batch 0);
-    * ``'sum'``: ``Σ_I CE + λ·Σ_O π``;
+    * ``'sum'``: ``Σ_I ℓ + Σ_O ℓ``;
     * ``'none'``/``None``: ``ℓ`` in the targets' shape;
     * anything else: bare ``ValueError``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, the group counts are
+    unchanged; ``cost_matrix`` ``(C, C)`` scales the ID cross-entropy only, by ``ω_i = cost[y_i, argmax_c f_ic]``
+    (not differentiated); entries with ``y == ignore_index`` are left out of the terms and the counts.
 
     The gradient of ``π`` is ``π·(e_k − softmax(f))`` with ``k`` the argmax (shared equally among ties).
     With data checks on, a label ``>= C`` raises :class:`LabelOutOfRangeError`; nothing warns.
@@ -561,13 +1078,16 @@ def confidence_penalty_loss(
     :param logits: ``(B, C)`` or ``(B, C, H, W)``; other ranks raise ``ValueError("Unsupported input shape: ...")``
     :param targets: ``(B,)`` or ``(B, H, W)`` integer labels; ``< 0`` marks OOD
     :param lambda_ood: weight ``λ`` of the OOD confidence term
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    checks, rows, _, out, ce, lse, is_id = _group_terms(logits, targets, reduction)
+    setup, rows, ce, lse = _group_setup(
+        "confidence_penalty", logits, targets, reduction, weight, cost_matrix, ignore_index
+    )
     penalty = lambda_ood * _max_softmax(rows, lse)
-    loss = _split_reduction(ce, penalty, is_id, targets, reduction, out)
-    checks.flush()
-    return loss
+    return _finish("confidence_penalty", _id_or_ood(ce, penalty, setup), setup, reduction)
 
 
 class ConfidencePenaltyLoss(nn.Module):
@@ -575,6 +1095,10 @@ class ConfidencePenaltyLoss(nn.Module):
 
     See :func:`confidence_penalty_loss` for the math, shapes and reductions. Classification ``(B, C)`` and
     segmentation ``(B, C, H, W)``; supervised (uses example outliers, ``targets < 0``).
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales the ID cross-entropy by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term.
     """
 
     info = LossInfo(
@@ -583,52 +1107,89 @@ class ConfidencePenaltyLoss(nn.Module):
         supervised=True,
     )
 
-    def __init__(self, lambda_ood: float = 0.1, reduction: Optional[str] = "mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(confidence_penalty_loss)
+
+    def __init__(
+        self,
+        lambda_ood: float = 0.1,
+        reduction: Optional[str] = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
         """
         :param lambda_ood: weight ``λ`` of the OOD confidence penalty
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.lambda_ood = lambda_ood
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)`` or ``(B, C, H, W)``
         :param targets: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`confidence_penalty_loss`
         """
-        return confidence_penalty_loss(logits, targets, self.lambda_ood, self.reduction)
+        return self._loss_fn(
+            logits,
+            targets,
+            self.lambda_ood,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
 def margin_confidence_loss(
-    logits: Tensor, targets: Tensor, margin: float = 0.5, reduction: Optional[str] = "mean"
+    logits: Tensor,
+    targets: Tensor,
+    margin: float = 0.5,
+    reduction: Optional[str] = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy on ID entries plus a hinge on the confidence of OOD entries (design notes, SPEC §2).
 
-    With ``π_i = max_c softmax(f_i)_c`` and ``m = margin``::
+    With ``π_i = max_c softmax(f_i)_c``, ``m = margin``, ``w_i = 1`` without ``weight`` and ``ω_i = 1`` without
+    ``cost_matrix``::
 
-        ℓ_i = CE(f_i, y_i)      if y_i >= 0
-        ℓ_i = relu(π_i − m)     if y_i < 0
+        ℓ_i = w_i·ω_i·CE(f_i, y_i)      if y_i >= 0
+        ℓ_i = w_i·relu(π_i − m)         if y_i < 0
 
     OOD entries are only penalised while their confidence exceeds the margin (zero gradient below it).
     Reductions as :func:`confidence_penalty_loss`:
 
-    * ``'mean'``: ``mean_I CE + mean_O relu(π − m)`` (separate group means, an empty group gives an attached 0);
-    * ``'sum'``: ``Σ_I CE + Σ_O relu(π − m)``;
+    * ``'mean'``: ``mean_I ℓ + mean_O ℓ`` (separate group means, an empty group gives an attached 0);
+    * ``'sum'``: ``Σ_I ℓ + Σ_O ℓ``;
     * ``'none'``/``None``: ``ℓ`` in the targets' shape;
     * anything else: bare ``ValueError``.
+
+    Options: ``weight`` (broadcastable to the targets' shape) multiplies each term, the group counts are
+    unchanged; ``cost_matrix`` ``(C, C)`` scales the ID cross-entropy only, by ``ω_i = cost[y_i, argmax_c f_ic]``
+    (not differentiated); entries with ``y == ignore_index`` are left out of the terms and the counts.
 
     :param logits: ``(B, C)`` or ``(B, C, H, W)``; other ranks raise ``ValueError("Unsupported input shape: ...")``
     :param targets: ``(B,)`` or ``(B, H, W)`` integer labels; ``< 0`` marks OOD
     :param margin: confidence ``m`` below which OOD entries cost nothing
+    :param weight: optional floating weights broadcastable to the targets' shape
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    checks, rows, _, out, ce, lse, is_id = _group_terms(logits, targets, reduction)
+    setup, rows, ce, lse = _group_setup(
+        "margin_confidence", logits, targets, reduction, weight, cost_matrix, ignore_index
+    )
     hinge = (_max_softmax(rows, lse) - margin).relu()
-    loss = _split_reduction(ce, hinge, is_id, targets, reduction, out)
-    checks.flush()
-    return loss
+    return _finish("margin_confidence", _id_or_ood(ce, hinge, setup), setup, reduction)
 
 
 class MarginConfidenceLoss(nn.Module):
@@ -636,6 +1197,10 @@ class MarginConfidenceLoss(nn.Module):
 
     See :func:`margin_confidence_loss` for the math, shapes and reductions. Classification ``(B, C)`` and
     segmentation ``(B, C, H, W)``; supervised (uses example outliers, ``targets < 0``).
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales the ID cross-entropy by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the entries with that label; ``forward``'s ``weight``
+    (broadcastable to the targets' shape) multiplies each term.
     """
 
     info = LossInfo(
@@ -644,22 +1209,44 @@ class MarginConfidenceLoss(nn.Module):
         supervised=True,
     )
 
-    def __init__(self, margin: float = 0.5, reduction: Optional[str] = "mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(margin_confidence_loss)
+
+    def __init__(
+        self,
+        margin: float = 0.5,
+        reduction: Optional[str] = "mean",
+        *,
+        cost_matrix: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+    ):
         """
         :param margin: confidence margin ``m``
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
+        :param ignore_index: optional label whose entries are left out
         """
         super().__init__()
         self.margin = margin
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)`` or ``(B, C, H, W)``
         :param targets: ``(B,)`` or ``(B, H, W)``; labels ``< 0`` are OOD
+        :param weight: optional weights broadcastable to the targets' shape
         :return: the loss, see :func:`margin_confidence_loss`
         """
-        return margin_confidence_loss(logits, targets, self.margin, self.reduction)
+        return self._loss_fn(
+            logits,
+            targets,
+            self.margin,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,56 +1254,69 @@ class MarginConfidenceLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def logit_norm_loss(logits: Tensor, target: Tensor, t: float = 1.0, reduction: str = "mean") -> Tensor:
+def logit_norm_loss(
+    logits: Tensor,
+    target: Tensor,
+    t: float = 1.0,
+    reduction: str = "mean",
+    *,
+    weight: Optional[Tensor] = None,
+    cost_matrix: Optional[Tensor] = None,
+    ignore_index: Optional[int] = None,
+) -> Tensor:
     """Cross-entropy of L2-normalised, temperature-scaled logits (Wei et al., ICML 2022; LOSS_CONTRACT.md §3.10).
 
-    OOD rows (``y < 0``) are discarded, with the ``UserWarning`` "Discarding samples with targets < 0 (OOD),
-    which this loss does not use." (a data check). For every ID row::
+    OOD rows (``y < 0``, not ignored) are discarded, with the ``UserWarning`` "Discarding samples with targets
+    < 0 (OOD), which this loss does not use." (a data check). For every ID row (``w_i = 1`` without ``weight``,
+    ``ω_i = 1`` without ``cost_matrix``)::
 
-        ℓ_i = CE(f_i / (t·(‖f_i‖₂ + 1e-7)), y_i)
+        ℓ_i = w_i·ω_i·CE(f_i / (t·(‖f_i‖₂ + 1e-7)), y_i)
 
     Reductions follow PyTorch over the ID rows:
 
-    * ``'mean'``: ``mean_I ℓ``; an attached 0 when ``N_ID = 0``;
+    * ``'mean'``: ``Σ_I ℓ / N_ID``; an attached 0 when ``N_ID = 0``;
     * ``'sum'``: ``Σ_I ℓ`` (0 when ``N_ID = 0``);
     * ``'none'``: the ``N_ID`` values of the ID rows, in order (length ``N_ID``: this reads ``N_ID`` from the
       device once, the one allowed host read);
     * ``None`` or anything else: ``ValueError("<reduction> is not a valid value for reduction")``.
 
+    Options: ``weight`` ``(B,)`` (or broadcastable to it) multiplies each term, ``N_ID`` is unchanged;
+    ``cost_matrix`` ``(C, C)`` gives ``ω_i = cost[y_i, argmax_c f_ic]`` over the raw logits (not differentiated);
+    rows with ``y == ignore_index`` are left out of the terms, of ``N_ID`` and of the ``'none'`` output.
+
     :param logits: ``(B, C)`` only
     :param target: ``(B,)``; other shapes raise ``ValueError("Expected targets of shape B, got <shape>")``
     :param t: temperature ``t``
+    :param weight: optional floating weights broadcastable to ``(B,)``
+    :param cost_matrix: optional floating ``(C, C)``
+    :param ignore_index: optional int label to ignore
     :return: 0-d for ``'mean'``/``'sum'``, ``(N_ID,)`` for ``'none'``; in the dtype of ``logits``
     """
-    check_floating("logits", logits)
-    check_targets("target", target)
-    if target.dim() != 1:
-        raise ValueError(f"Expected targets of shape B, got {tuple(target.shape)}")
-    check_logits_and_targets(logits, target, ranks=(2,), targets_name="target")
-    _check_torch_reduction(reduction)
-    checks = DataChecks(logits, target)
-    is_id = id_mask_with_warning(target, checks)
-    checks.check_labels_below(target, logits.shape[1], name="target")
-    out, acc = result_dtypes(logits)
-    rows = logits.to(acc)
+    setup = prepare_rows(
+        "logit_norm",
+        logits,
+        target,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        targets_name="target",
+    )
+    rows = logits.to(setup.acc)
     norm = torch.linalg.vector_norm(rows, ord=2, dim=1, keepdim=True) + 1e-7
-    ce, _ = row_cross_entropy(rows / (t * norm), target)
-    if reduction == "mean":
-        loss = masked_mean(ce, is_id).to(out)
-    elif reduction == "sum":
-        loss = masked_sum(ce, is_id).to(out)
-    else:
-        loss = None
-    checks.flush()
-    if loss is None:
-        loss = select_id_rows(ce, is_id).to(out)
-    return loss
+    ce, _ = row_cross_entropy(rows / (t * norm), setup.targets)
+    values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
+    return _finish("logit_norm", values, setup, reduction)
 
 
 class LogitNorm(nn.Module):
     """LogitNorm (Wei et al., ICML 2022), see :func:`logit_norm_loss` (LOSS_CONTRACT.md §3.10).
 
     Classification only; OOD rows are discarded with a warning. ``reduction=None`` raises ``ValueError``.
+
+    Options: ``cost_matrix`` ``(C, C)`` (non-persistent buffer ``cost_matrix``) scales each term by
+    ``cost[y_i, argmax_c f_ic]``; ``ignore_index`` drops the rows with that label; ``forward``'s ``weight``
+    ``(B,)`` multiplies each term.
     """
 
     info = LossInfo(
@@ -731,19 +1331,34 @@ class LogitNorm(nn.Module):
         ),
     )
 
-    def __init__(self, t=1.0, reduction="mean"):
+    #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
+    _loss_fn = staticmethod(logit_norm_loss)
+
+    def __init__(self, t=1.0, reduction="mean", *, cost_matrix=None, ignore_index=None):
         """
         :param t: temperature ``t``
         :param reduction: ``'mean'``, ``'sum'`` or ``'none'``
+        :param cost_matrix: optional ``(C, C)`` confusion costs
+        :param ignore_index: optional label whose rows are left out
         """
         super().__init__()
         self.t = t
         self.reduction = reduction
+        _init_options(self, cost_matrix, ignore_index)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
         :param logits: ``(B, C)``
         :param target: ``(B,)``; labels ``< 0`` are discarded (with a warning)
+        :param weight: optional weights ``(B,)``
         :return: the loss, see :func:`logit_norm_loss`
         """
-        return logit_norm_loss(logits, target, self.t, self.reduction)
+        return self._loss_fn(
+            logits,
+            target,
+            self.t,
+            self.reduction,
+            weight=weight,
+            cost_matrix=self.cost_matrix,
+            ignore_index=self.ignore_index,
+        )

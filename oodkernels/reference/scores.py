@@ -33,8 +33,8 @@ __all__ = ["energy", "max_softmax", "max_logit", "entropy", "weighted_energy"]
 ENTROPY_CLAMP = 1e-7
 
 
-def _logits_in_compute_dtype(logits, ranks=None) -> tuple[Tensor, torch.dtype]:
-    """Check ``logits`` and return them upcast to the compute dtype, with the output dtype."""
+def check_score_logits(logits, ranks=None) -> None:
+    """The always-on checks of a score's logits (shared with the fused scores)."""
     check_floating("logits", logits)
     if ranks is not None and logits.dim() not in ranks:
         raise ValueError(f"Unsupported input shape: {logits.shape}")
@@ -42,6 +42,11 @@ def _logits_in_compute_dtype(logits, ranks=None) -> tuple[Tensor, torch.dtype]:
         raise ShapeError(
             f"logits: expected shape (B, C) or (B, C, H, W) with classes on dim 1, got {tuple(logits.shape)}"
         )
+
+
+def _logits_in_compute_dtype(logits, ranks=None) -> tuple[Tensor, torch.dtype]:
+    """Check ``logits`` and return them upcast to the compute dtype, with the output dtype."""
+    check_score_logits(logits, ranks)
     out, acc = result_dtypes(logits)
     return logits.to(acc), out
 
