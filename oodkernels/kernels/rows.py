@@ -431,7 +431,9 @@ def _row_loss_bwd_kernel(
         mask = row_mask[:, None] & (cols < n_classes)[None, :]
         x = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class, mask=mask, other=0.0).to(ACC)
         p = _exp(x * mult[:, None] - m[:, None] - log_d[:, None], USE_FP64)
-        g = a[:, None] * p + c[:, None] + delta[:, None] * x
+        g = a[:, None] * p + c[:, None]
+        if KIND == 5:  # only LogitNorm has the δ·x term (elsewhere 0·x would turn -inf logits into NaN)
+            g += delta[:, None] * x
         g += tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
         g += tl.where(cols[None, :] == j_star[:, None], h[:, None], 0.0)
         ptrs = Grad + d_base[:, None] + cols[None, :].to(tl.int64) * stride_d_class

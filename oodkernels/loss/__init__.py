@@ -2,37 +2,63 @@
 and state_dict keys (LOSS_CONTRACT.md §3, §6), plus ConfidencePenaltyLoss and MarginConfidenceLoss
 from our design notes.
 
-In this version no fused kernel is registered yet, so every criterion is the plain-PyTorch
-reference class (``oodkernels.reference``); :func:`oodkernels.backend_info` reports it. The fused
-row, center and C++ backends replace the forward passes here, behind the same classes.
+Each criterion is its reference class (``oodkernels.reference``: constructor, state, RNG draws and
+checks defined once). The row criteria swap the function their forward computes for the dispatched
+one of :mod:`oodkernels.functional`, so they run the fused Triton kernels on CUDA tensors (and under
+``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKEND=triton``); the others run the reference until their
+kernels land. :func:`oodkernels.backend_info` reports what runs where.
 
 ``SSDeepSVDDLoss`` resolves to :class:`DeepSADLoss` with a DeprecationWarning, as in pytorch-ood.
 """
 
 from .. import functional as _functional
 from ..reference import CRITERIA
-from ..reference import BackgroundClassLoss
 from ..reference import CACLoss
 from ..reference import CenterLoss
 from ..reference import ConfidenceLoss
-from ..reference import ConfidencePenaltyLoss
-from ..reference import CrossEntropyLoss
 from ..reference import DeepSADLoss
 from ..reference import DeepSVDDLoss
 from ..reference import EnergyMarginLoss
-from ..reference import EnergyRegularizedLoss
-from ..reference import EntropicOpenSetLoss
 from ..reference import IILoss
-from ..reference import LogitNorm
-from ..reference import MarginConfidenceLoss
 from ..reference import MCHADLoss
 from ..reference import ObjectosphereLoss
-from ..reference import OutlierExposureLoss
 from ..reference import VirtualOutlierSynthesizingRegLoss
 from ..reference import VOSRegLoss
+from ..reference import logits as _reference_row_criteria
 from ..reference import renamed
 
 logit_norm_loss = _functional.logit_norm_loss
+
+
+def _fused_row_criterion(reference_class, loss_fn):
+    """The reference criterion with its forward computing the dispatched ``loss_fn``."""
+    return type(
+        reference_class.__name__,
+        (reference_class,),
+        {"__doc__": reference_class.__doc__, "__module__": __name__, "_loss_fn": staticmethod(loss_fn)},
+    )
+
+
+CrossEntropyLoss = _fused_row_criterion(_reference_row_criteria.CrossEntropyLoss, _functional.cross_entropy)
+BackgroundClassLoss = _fused_row_criterion(
+    _reference_row_criteria.BackgroundClassLoss, _functional.background_class_loss
+)
+OutlierExposureLoss = _fused_row_criterion(
+    _reference_row_criteria.OutlierExposureLoss, _functional.outlier_exposure_loss
+)
+EntropicOpenSetLoss = _fused_row_criterion(
+    _reference_row_criteria.EntropicOpenSetLoss, _functional.entropic_open_set_loss
+)
+EnergyRegularizedLoss = _fused_row_criterion(
+    _reference_row_criteria.EnergyRegularizedLoss, _functional.energy_regularized_loss
+)
+ConfidencePenaltyLoss = _fused_row_criterion(
+    _reference_row_criteria.ConfidencePenaltyLoss, _functional.confidence_penalty_loss
+)
+MarginConfidenceLoss = _fused_row_criterion(
+    _reference_row_criteria.MarginConfidenceLoss, _functional.margin_confidence_loss
+)
+LogitNorm = _fused_row_criterion(_reference_row_criteria.LogitNorm, _functional.logit_norm_loss)
 
 __all__ = [*CRITERIA, "logit_norm_loss"]
 

@@ -42,8 +42,12 @@ from ..reference import vos as _ref_vos
 #: fused implementations by backend, filled by the kernel layers as they land
 _KERNELS: dict[str, dict[str, Callable]] = {"triton": {}, "cpp": {}}
 
-#: what runs the nn.Module criteria: no fused forward is wired into oodkernels.loss in this version
-CRITERIA_BACKEND = "reference classes (plain PyTorch) on every device; no fused forward is wired in yet"
+#: what runs the nn.Module criteria of oodkernels.loss
+CRITERIA_BACKEND = (
+    "the row criteria (CrossEntropy, BackgroundClass, OutlierExposure, EntropicOpenSet, EnergyRegularized, "
+    "LogitNorm, ConfidencePenalty, MarginConfidence) run the operations above; the others are the reference "
+    "classes (plain PyTorch)"
+)
 
 #: every dispatched operation and its reference implementation
 REFERENCE: dict[str, Callable] = {
@@ -68,6 +72,17 @@ REFERENCE: dict[str, Callable] = {
     "entropy_score": _ref_scores.entropy,
     "weighted_energy_score": _ref_scores.weighted_energy,
 }
+
+
+def _register_triton_family() -> str:
+    """Register the fused Triton row family; returns why it is unavailable, or ''."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from . import rows
+
+    for name, fn in rows.FUSED.items():
+        register_kernel("triton", name, fn)
+    return ""
 
 
 def register_kernel(backend: str, name: str, fn: Callable) -> None:
@@ -154,6 +169,8 @@ def _dispatched(name: str) -> Callable:
 
     return call
 
+
+_TRITON_UNAVAILABLE = _register_triton_family()
 
 cross_entropy = _dispatched("cross_entropy")
 background_class_loss = _dispatched("background_class_loss")
