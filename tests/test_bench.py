@@ -1,0 +1,125 @@
+"""Smoke test of the benchmark harness (bench/run.py, bench/cases.py) on a tiny CPU case.
+
+The runner refuses the Triton interpreter, which conftest.py turns on for this process, so the CLI runs in a
+subprocess without TRITON_INTERPRET. No timing is asserted: only the CSV's shape and that the derived
+columns are finite.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "bench" / "run.py"
+TINY = "^rows/EnergyRegularizedLoss/256x10/fp32$"
+
+
+def _env_without_interpreter():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run(args, env, timeout=120):
+    return subprocess.run(
+        [sys.executable, str(RUN), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_registry_has_the_issue_cases():
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import cases
+    finally:
+        sys.path.remove(str(REPO))
+    tiny = cases.get("rows/EnergyRegularizedLoss/256x10/fp32")
+    assert tiny.family == "rows" and tiny.shape == (256, 10) and tiny.quick
+    assert cases.get("rows/BackgroundClassLoss/65536x1000/bf16").hparams == {"n_classes": 999}
+    assert cases.get("rows/CrossEntropyLoss/8x19x512x1024/bf16").rows == 8 * 512 * 1024
+    assert "rows/LogitNorm/8x19x512x1024/bf16" not in cases.CASES  # classification only
+    assert len(cases.select(pattern="^sweep_b/", family="rows")) == 2 * 15
+    assert len(cases.select(pattern="^sweep_c/")) == 2 * 6
+    assert {c.criterion for c in cases.select(family="scores")} == {"energy", "max_softmax", "max_logit", "entropy"}
+    # §1.5 byte model: full step of fp32 (R, C) = 12 B per logit plus per-row terms
+    r, c = tiny.rows, tiny.classes
+    assert tiny.bytes_model("full") == 12 * r * c + r * (2 * 8 + 2 * 4 * tiny.stats_per_row)
+
+
+def test_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = _run(["--device", "cpu", "--filter", TINY], env, timeout=60)
+    assert proc.returncode == 2
+    assert "interpreter" in proc.stderr
+
+
+def test_cli_smoke_on_cpu(tmp_path):
+    proc = _run(
+        [
+            "--device", "cpu",
+            "--filter", TINY,
+            "--providers", "reference,oodkernels",
+            "--modes", "full",
+            "--out", str(tmp_path),
+            "--overwrite",
+            "--min-run-time", "0.01",
+            "--warmup", "1",
+            "--threads", "1",
+        ],
+        _env_without_interpreter(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rows/EnergyRegularizedLoss/256x10/fp32" in proc.stdout
+
+    files = list(tmp_path.glob("cpu-*_*.csv"))
+    assert len(files) == 1, files
+    with open(files[0], newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.run import COLUMNS
+    finally:
+        sys.path.remove(str(REPO))
+    assert header == COLUMNS
+    for column in (
+        "case",
+        "provider",
+        "backend",
+        "mode",
+        "metric",
+        "unit",
+        "p50",
+        "p20",
+        "p80",
+        "config_json",
+        "git_commit",
+        "max_abs_err",
+        "speedup_vs_reference",
+        "speedup_vs_reference_compiled",
+    ):
+        assert column in header
+
+    times = [r for r in rows if r["metric"] == "time"]
+    assert {r["provider"] for r in times} == {"reference", "oodkernels"}
+    for r in times:
+        assert r["case"] == "rows/EnergyRegularizedLoss/256x10/fp32" and r["mode"] == "full" and r["unit"] == "ms"
+        p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+        assert 0 < p20 <= p50 <= p80
+        assert math.isfinite(float(r["speedup_vs_reference"])) and float(r["speedup_vs_reference"]) > 0
+        assert r["speedup_vs_reference_compiled"] == ""  # provider not run
+        assert math.isfinite(float(r["max_abs_err"])) and float(r["max_abs_err"]) < 1e-3
+        config = json.loads(r["config_json"])
+        assert config["dtype"] == "fp32" and config["shape"] == [256, 10] and config["reduction"] == "mean"
+        assert config["hparams"]["alpha"] == 0.1
+    reference = next(r for r in times if r["provider"] == "reference")
+    assert float(reference["speedup_vs_reference"]) == pytest.approx(1.0)
+    assert {r["metric"] for r in rows if r["case"] != "_device/copy"} >= {"time", "bandwidth", "peak_memory"}
+    assert all(r["p50"] == "" for r in rows if r["metric"] == "peak_memory")  # NaN on CPU
