@@ -430,3 +430,14 @@ def test_int64_offsets():
         h, w = divmod(i, width)
         expected.append(o * s_o + h * s_h + w * s_w)
     assert out.tolist() == expected and max(expected) > 2**32
+
+
+@pytest.mark.parametrize("name", ["EnergyRegularizedLoss", "LogitNorm", "OutlierExposureLoss"])
+def test_fused_wide_rows_use_the_streaming_path(monkeypatch, name):
+    """C = 5000 exceeds the heuristic's 4096-column block: the default launch streams two blocks."""
+    from oodkernels.kernels.rows import launch_config
+
+    assert launch_config(5000, torch.float32)[1] < 5000
+    logits = _logits((3, 5000))
+    targets = torch.tensor([4999, -1, 17])
+    _compare(monkeypatch, _criteria(5000)[name](), [logits, targets])

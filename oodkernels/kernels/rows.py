@@ -11,12 +11,13 @@ Forward (one read of the logits). Per entry, an online pass over class blocks ke
 accumulator dtype ``ACC`` (fp32, or fp64 for fp64 logits), of ``v = x·mult``::
 
     m = max_c v_c,  d = Σ_c exp(v_c − m),  v_y,  Σ_c v_c,  j* = argmax_c x_c (first on ties),
-    e = Σ_c exp(v_c − m)·x_c              (LogitNorm only)
+    e = Σ_c exp(v_c − m)·x_c,  x_y        (LogitNorm only: ρ = e/d − x_y)
 
 ``mult`` is 1 for the losses, 1/T for tempered scores and 1/s for LogitNorm. From them
 ``lse = m + ln d``, ``CE = (m − v_y) + ln d`` (no cancellation of two large numbers), ``π = 1/d``
 (the maximum softmax probability) and ``U = lse − Σv/C``. The forward writes the row's loss value
-and the statistics ``[m, ln d, j*, aux]`` that backward needs; nothing of logits size.
+and the statistics ``[m, ln d, j*, ‖x‖, ρ]`` that backward needs; nothing of logits size. (LogitNorm
+reads the row twice in forward: its softmax is over ``x/s`` and ``s`` needs the norm first.)
 
 Row values (``ω = cost[y, j*]`` with a cost matrix, else 1; ID: ``0 <= y < C``; OOD: ``y < 0``;
 ignored: ``y == ignore_index``, value 0; a label ``y >= C`` gives NaN):
@@ -77,9 +78,9 @@ SCORE_MAX_SOFTMAX = 1
 SCORE_MAX_LOGIT = 2
 SCORE_ENTROPY = 3
 
-#: statistics saved per row by the forward, in ACC: max of v, ln d, argmax, and the LogitNorm
-#: row norm ‖x‖ (else 0)
-N_STATS = 4
+#: statistics saved per row by the forward, in ACC: max of v, ln d, argmax, and LogitNorm's row
+#: norm ‖x‖ and ρ (unused otherwise)
+N_STATS = 5
 
 LOGIT_NORM_EPS = 1e-7
 ENTROPY_CLAMP = 1e-7
@@ -131,6 +132,7 @@ def _online_pass(
     v_y = tl.zeros([BLOCK_R], ACC)
     sum_v = tl.zeros([BLOCK_R], ACC)
     expect = tl.zeros([BLOCK_R], ACC)
+    x_y = tl.zeros([BLOCK_R], ACC)
     j_star = tl.zeros([BLOCK_R], tl.int32)
     has_nan = tl.zeros([BLOCK_R], tl.int32)
     for c0 in range(0, n_classes, BLOCK_C):
@@ -150,7 +152,9 @@ def _online_pass(
         p = _exp(v - shift[:, None], USE_FP64)
         d = d * rescale + tl.sum(p, axis=1)
         if WITH_EXPECTATION:
-            expect = expect * rescale + tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
+            # select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
+            expect = expect * rescale + tl.sum(p * tl.where(p > 0, x, 0.0), axis=1)
+            x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
         v_y += tl.sum(tl.where(cols[None, :] == y[:, None], v, 0.0), axis=1)
         sum_v += tl.sum(tl.where(mask, v, 0.0), axis=1)
         has_nan = has_nan | tl.max((v != v).to(tl.int32), axis=1)
@@ -160,7 +164,8 @@ def _online_pass(
     # rows past the end: neutral values, so that no log(0) or inf − inf is ever evaluated for them
     m = tl.where(row_mask, m, 0.0)
     d = tl.where(row_mask, d, 1.0)
-    return m, d, v_y, sum_v, j_star, expect
+    # with the expectation: e / d = E_softmax(v)[x], and x_y in raw units
+    return m, d, v_y, sum_v, j_star, expect, x_y
 
 
 @triton.jit
@@ -314,10 +319,11 @@ def _row_loss_fwd_kernel(
     if KIND == 5:  # LOGIT_NORM
         norm = _row_norm(X, x_base, stride_x_class, row_mask, n_classes, ACC, BLOCK_R, BLOCK_C)
         mult = 1.0 / (alpha * (norm + 1e-7))
-    m, d, v_y, sum_v, j_star, expect = _online_pass(
-        X, x_base, stride_x_class, row_mask, y, mult, n_classes, ACC, USE_FP64, False, BLOCK_R, BLOCK_C
+    m, d, v_y, sum_v, j_star, expect, x_y = _online_pass(
+        X, x_base, stride_x_class, row_mask, y, mult, n_classes, ACC, USE_FP64, KIND == 5, BLOCK_R, BLOCK_C
     )
     log_d = tl.log(d)
+    rho = expect / d - x_y  # LogitNorm's Σ_j q_j x_j − x_y, saved so that backward reads the row once
     # 3. row value
     omega = _cost_weight(Cost, y, j_star, n_classes, is_id, ACC, HAS_COST)
     loss, a, b, c, h = _epilogue(
@@ -340,6 +346,7 @@ def _row_loss_fwd_kernel(
     tl.store(Stats + n_rows + rows, log_d, mask=row_mask)
     tl.store(Stats + 2 * n_rows + rows, j_star.to(ACC), mask=row_mask)
     tl.store(Stats + 3 * n_rows + rows, norm, mask=row_mask)
+    tl.store(Stats + 4 * n_rows + rows, rho, mask=row_mask)
 
 
 @triton.jit
@@ -414,9 +421,7 @@ def _row_loss_bwd_kernel(
     if KIND == 5:  # LOGIT_NORM: the softmax is over z = x/s, plus the derivative of s itself
         scale = alpha * (norm + 1e-7)  # the forward's operations in its order: bitwise the same s
         mult = 1.0 / scale
-        rho = _logit_norm_rho(
-            X, x_base, stride_x_class, row_mask, y, mult, m, log_d, n_classes, ACC, USE_FP64, BLOCK_R, BLOCK_C
-        )
+        rho = tl.load(Stats + 4 * n_rows + rows, mask=row_mask, other=0.0)
         delta = tl.where(is_id & (norm > 0), -omega * alpha * rho / (norm * scale * scale), 0.0)
         a = a * mult
         b = b * mult
@@ -438,34 +443,6 @@ def _row_loss_bwd_kernel(
         g += tl.where(cols[None, :] == j_star[:, None], h[:, None], 0.0)
         ptrs = Grad + d_base[:, None] + cols[None, :].to(tl.int64) * stride_d_class
         tl.store(ptrs, g.to(Grad.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _logit_norm_rho(
-    X,
-    x_base,
-    stride_x_class,
-    row_mask,
-    y,
-    mult,
-    m,
-    log_d,
-    n_classes,
-    ACC: tl.constexpr,
-    USE_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``ρ = Σ_j q_j x_j − x_y`` with ``q = softmax(x·mult)`` from the saved ``m``, ``ln d``."""
-    rho = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, n_classes, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
-        x = tl.load(X + x_base[:, None] + cols[None, :].to(tl.int64) * stride_x_class, mask=mask, other=0.0).to(ACC)
-        q = _exp(x * mult[:, None] - m[:, None] - log_d[:, None], USE_FP64)
-        rho += tl.sum(tl.where(mask, q * x, 0.0), axis=1)
-        rho -= tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
-    return rho
 
 
 @triton.jit
@@ -493,7 +470,7 @@ def _row_scores_kernel(
     t = _param(p_t, BLOCK_R, ACC)
     mult = tl.full([BLOCK_R], 1.0, ACC) / t
     no_target = tl.full([BLOCK_R], -1, tl.int64)
-    m, d, v_y, sum_v, j_star, expect = _online_pass(
+    m, d, v_y, sum_v, j_star, expect, x_y = _online_pass(
         X, x_base, stride_x_class, row_mask, no_target, mult, n_classes, ACC, USE_FP64, False, BLOCK_R, BLOCK_C
     )
     log_d = tl.log(d)
