@@ -20,6 +20,24 @@ from oodkernels.ops import row_ops
 pytestmark = pytest.mark.filterwarnings("ignore:Discarding samples")
 
 C = 7
+#: on a machine with a GPU the kernels run natively on CUDA tensors; otherwise interpreted on CPU tensors
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_the_kernel_device():
+    """On a GPU machine every tensor the tests build lives on CUDA; on a CPU nothing changes."""
+    if DEVICE == "cpu":
+        yield
+        return
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+def _interpret(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _criteria(n_classes=C):
@@ -52,13 +70,13 @@ NONE_RAISES = {"BackgroundClassLoss", "LogitNorm"}
 def fused(monkeypatch):
     """Run the public API on the Triton kernels (interpreted on a CPU)."""
     monkeypatch.setenv("OODKERNELS_BACKEND", "triton")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpret(monkeypatch)
 
 
 def _run(backend, monkeypatch, fn, inputs, grad_output=None):
     """Value and input gradients of ``fn(*inputs)`` on ``backend``, on fresh leaf copies."""
     monkeypatch.setenv("OODKERNELS_BACKEND", backend)
+    _interpret(monkeypatch)
     leaves = [
         t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs
     ]
@@ -84,7 +102,7 @@ def _compare(monkeypatch, fn, inputs, atol=None, rtol=None, grad_output=None):
 
 
 def _logits(shape, dtype=torch.float32, layout="contiguous", scale=3.0):
-    return testing.make_logits(shape[0], shape[1], shape[2:], dtype=dtype, layout=layout, scale=scale)
+    return testing.make_logits(shape[0], shape[1], shape[2:], dtype=dtype, layout=layout, scale=scale, device=DEVICE)
 
 
 def _targets(logit_shape, pattern, n_classes=C, name=None):
@@ -92,7 +110,7 @@ def _targets(logit_shape, pattern, n_classes=C, name=None):
     shape = (logit_shape[0], *logit_shape[2:])
     if name == "BackgroundClassLoss":
         n_classes = n_classes - 1
-    return testing.make_targets(shape, n_classes, pattern)
+    return testing.make_targets(shape, n_classes, pattern, device=DEVICE)
 
 
 LAYOUTS = [
@@ -182,7 +200,7 @@ def test_fused_block_shapes_agree(monkeypatch, name, block):
 )
 def test_fused_one_and_two_classes(monkeypatch, name, n_classes):
     logits = _logits((8, n_classes))
-    targets = testing.make_targets((8,), n_classes, "mixed")
+    targets = testing.make_targets((8,), n_classes, "mixed", device=DEVICE)
     _compare(monkeypatch, _criteria(n_classes)[name](), [logits, targets])
 
 
@@ -355,6 +373,7 @@ def test_fused_scores_equal_reference(monkeypatch, score, shape, layout, dtype):
     kwargs = {"t": 1.7} if score in ("energy", "max_softmax") else {}
     fn = getattr(ok.scores, score)
     monkeypatch.setenv("OODKERNELS_BACKEND", "triton")
+    _interpret(monkeypatch)
     with row_ops.forced_blocks(4, 4):
         value = fn(logits, **kwargs)
     monkeypatch.setenv("OODKERNELS_BACKEND", "reference")
