@@ -691,6 +691,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="after the run, write PNG charts next to the results file (speed-up per case and provider, "
+        "achieved vs roofline bandwidth; needs matplotlib)",
+    )
     return parser.parse_args(argv)
 
 
@@ -803,6 +809,16 @@ def main(argv=None) -> int:
             lines[0] += f"  ({i}/{len(selected)}, {time.perf_counter() - case_start:.1f} s)"
             print("\n".join(lines), flush=True)
     print(f"\ndone: {len(selected)} case(s) in {time.perf_counter() - start:.1f} s -> {out}")
+    if args.plot:
+        from bench import report
+
+        mode = "full" if "full" in args.modes else args.modes[0]
+        try:
+            written = report.plot(report.summarise(report.load(out), mode), out.with_suffix(""))
+        except ImportError:
+            print("--plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+            return 1
+        print("\n".join(f"chart -> {p}" for p in written))
     return 0
 
 

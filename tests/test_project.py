@@ -29,7 +29,8 @@ ALLOWED = {
     # route their forward through the functional layer
     "loss": {"functional", "model", "utils", "config", "reference"},
     "__main__": {"ops"},
-    "demo": {"loss", "scores", "functional", "model", "utils", "config", "testing"},
+    # the main job trains with the fused criteria and the reference side by side
+    "demo": {"loss", "scores", "functional", "model", "utils", "config", "testing", "reference"},
 }
 
 
