@@ -1,0 +1,196 @@
+"""The main job ``python -m oodkernels.demo``: its data split, its metrics, and short end-to-end runs."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from oodkernels import demo  # noqa: E402
+
+SIZES = {"id_train": 631, "id_test": 270, "oe_train": 447, "ood_test": 449}
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+@pytest.fixture(scope="module")
+def split():
+    return demo.load_split(0)
+
+
+def test_split_sizes_are_the_documented_ones(split):
+    assert split.sizes() == SIZES
+    assert split.x_train.shape == (SIZES["id_train"] + SIZES["oe_train"], 64)
+    assert split.y_train.shape == (SIZES["id_train"] + SIZES["oe_train"],)
+    assert split.x_id_test.shape == (SIZES["id_test"], 64) and split.y_id_test.shape == (SIZES["id_test"],)
+    assert split.x_ood_test.shape == (SIZES["ood_test"], 64)
+    assert all(t.dtype == torch.float32 for t in (split.x_train, split.x_id_test, split.x_ood_test))
+    assert split.y_train.dtype == torch.int64
+
+
+def test_split_parts_are_disjoint_and_cover_the_digits(split):
+    parts = [split.index_id_train, split.index_id_test, split.index_oe_train, split.index_ood_test]
+    for a, b in itertools.combinations(parts, 2):
+        assert not set(a.tolist()) & set(b.tolist())
+    everything = np.concatenate(parts)
+    assert len(everything) == len(set(everything.tolist())) == 1797
+
+
+def test_split_class_ranges(split):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().target
+    assert set(digits[split.index_id_train].tolist()) == {0, 1, 2, 3, 4}
+    assert set(digits[split.index_id_test].tolist()) == {0, 1, 2, 3, 4}
+    assert set(split.digit_oe_train.tolist()) == set(digits[split.index_oe_train].tolist()) == {5, 6, 7, 8, 9}
+    assert set(split.digit_ood_test.tolist()) == set(digits[split.index_ood_test].tolist()) == {5, 6, 7, 8, 9}
+    n_id = SIZES["id_train"]
+    assert torch.equal(split.y_train[:n_id], torch.from_numpy(digits[split.index_id_train]))
+    assert (split.y_train[n_id:] == -1).all()  # outlier exposure: targets < 0
+    assert torch.equal(split.y_id_test, torch.from_numpy(digits[split.index_id_test]))
+    # stratified: every ID digit keeps ~30 % of its images for testing
+    for d in range(5):
+        n = (digits == d).sum()
+        assert (digits[split.index_id_test] == d).sum() == round(0.3 * n)
+
+
+def test_split_is_standardised_with_training_statistics(split):
+    mean = split.x_train.double().mean(0)
+    std = split.x_train.double().std(0, unbiased=False)
+    assert mean.abs().max() < 1e-5
+    assert ((std - 1).abs() < 1e-5).logical_or(std == 0).all()
+
+
+def test_split_is_reproducible_per_seed(split):
+    again = demo.load_split(0)
+    other = demo.load_split(1)
+    for name in ("index_id_train", "index_id_test", "index_oe_train", "index_ood_test"):
+        assert np.array_equal(getattr(split, name), getattr(again, name))
+    assert torch.equal(split.x_train, again.x_train)
+    assert other.sizes() == SIZES
+    assert not np.array_equal(split.index_id_test, other.index_id_test)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _pairwise_auroc(neg, pos):
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_hand_computed():
+    assert demo.auroc([0.0, 1.0, 2.0], [3.0, 4.0]) == 1.0  # perfect separation
+    assert demo.auroc([3.0, 4.0], [0.0, 1.0, 2.0]) == 0.0  # inverted
+    assert demo.auroc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5  # all tied
+    # pairs: 0.8 beats all three ID scores (3); 0.4 beats 0.1 and 0.35 and ties 0.4 (2.5) -> 5.5 / 6
+    assert demo.auroc([0.1, 0.4, 0.35], [0.8, 0.4]) == pytest.approx(5.5 / 6)
+    # one ID score above one OOD score: 3 of 4 pairs
+    assert demo.auroc([0.0, 2.0], [1.0, 3.0]) == pytest.approx(0.75)
+    assert demo.auroc(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0])) == pytest.approx(0.75)
+
+
+def test_auroc_matches_pairwise_counting_with_many_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        neg = rng.integers(0, 5, size=rng.integers(1, 15)).astype(float)
+        pos = rng.integers(1, 6, size=rng.integers(1, 15)).astype(float)
+        assert demo.auroc(neg, pos) == pytest.approx(_pairwise_auroc(neg, pos), abs=1e-12)
+
+
+def test_average_ranks():
+    assert demo.average_ranks(np.array([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert demo.average_ranks(np.array([1.0, 1.0, 1.0])).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_fpr_at_95_tpr_hand_computed():
+    pos = np.arange(1.0, 21.0)  # 20 OOD scores 1..20: ceil(0.95 * 20) = 19 -> threshold = 2
+    assert demo.fpr_at_tpr([0.5, 5.0, 10.0, 15.0, 25.0], pos) == pytest.approx(0.8)  # 4 of 5 ID scores >= 2
+    assert demo.fpr_at_tpr([0.5, 1.5, 1.9, 3.0], pos) == pytest.approx(0.25)
+    assert demo.fpr_at_tpr([0.0, 1.0, 2.0], [3.0, 4.0]) == 0.0  # perfect separation
+    assert demo.fpr_at_tpr([3.0, 4.0], [0.0, 1.0, 2.0]) == 1.0  # inverted
+    # ties: every OOD score is 1, so the threshold is 1 and the ID score at 1 counts as a false positive
+    assert demo.fpr_at_tpr([1.0, 0.0], [1.0, 1.0, 1.0, 1.0]) == 0.5
+    # 10 OOD scores: ceil(9.5) = 10 -> threshold is the smallest OOD score
+    assert demo.fpr_at_tpr([0.05, 0.5, 0.95], np.linspace(0.1, 1.0, 10)) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("metric", [demo.auroc, demo.fpr_at_tpr])
+def test_metrics_reject_bad_scores(metric):
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metric([0.0, float("nan")], [1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        metric([], [1.0])
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+
+def _metric_lines(text, run):
+    return [line for line in text.splitlines() if line.split("|")[-1].split()[:1] == [run]]
+
+
+def test_demo_runs_one_epoch_on_the_reference(capsys):
+    before = os.environ.get("OODKERNELS_BACKEND")
+    assert demo.main(["--epochs", "1", "--backend", "reference", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert os.environ.get("OODKERNELS_BACKEND") == before  # the demo restores the environment
+    assert "OODKERNELS_BACKEND=reference" in out  # the backend report
+    assert "ID train 631, ID test 270, OE train 447 (label -1), OOD test 449" in out
+    for run in ("fused", "reference"):
+        (line,) = _metric_lines(out, run)
+        epoch, fields = line.split("|")
+        loss, accuracy, auroc, fpr95, ms = (float(v) for v in fields.split()[1:])
+        assert int(epoch) == 1 and np.isfinite(loss) and 0.5 < accuracy <= 1 and 0.5 < auroc <= 1
+        assert 0 <= fpr95 <= 1 and ms > 0
+    assert "OK: the fused and the reference run agree" in out
+
+
+def test_demo_runs_the_interpreted_triton_kernels(capsys):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 from conftest")
+    assert demo.main(["--epochs", "1", "--loss", "BackgroundClassLoss", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "oodkernels.loss.BackgroundClassLoss -> backend triton;" in out
+    assert "model 64 -> 128 -> 6" in out
+    assert "OK: the fused and the reference run agree" in out
+
+
+def test_demo_fails_loudly_when_the_runs_disagree(capsys, monkeypatch):
+    monkeypatch.setitem(demo.TOLERANCES, "loss_rel", -1.0)  # every loss difference now exceeds it
+    assert demo.main(["--epochs", "1", "--backend", "reference", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED: the fused and the reference run disagree" in captured.err
+    assert "OK:" not in captured.out
+
+
+def test_demo_rejects_a_missing_cuda_device(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert demo.main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_python_m_demo_restarts_itself_under_the_interpreter():
+    """Without TRITON_INTERPRET in the environment the demo re-runs itself with it (the kernels are defined at
+    import time, before demo.main runs)."""
+    if torch.cuda.is_available():
+        pytest.skip("with a CUDA device the fused kernels are compiled, not interpreted")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OODKERNELS_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "oodkernels.demo", "--epochs", "1", "--batch-size", "256", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run in the Triton interpreter on this CPU" in proc.stdout
+    assert "oodkernels.loss.EnergyRegularizedLoss -> backend triton;" in proc.stdout
+    assert "OK: the fused and the reference run agree" in proc.stdout
