@@ -112,55 +112,65 @@ def update_readme(readme: Path, text: str) -> bool:
     return True
 
 
-def plot(summary: dict, stem: Path) -> list[Path]:
-    """Write ``<stem>_speedup.png`` and ``<stem>_bandwidth.png``; returns the paths (needs matplotlib)."""
+def _bar_chart(summary: dict, series: dict, ylabel: str, path: Path, hline=None) -> Path:
+    """Grouped bars: one group per case, one bar per entry of ``series`` (label -> values per case)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = list(summary["cases"])
-    labels = [c.replace("/", "\n", 1) for c in cases]
-    written = []
-
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(cases)), 5))
-    others = [p for p in PROVIDERS if p != "oodkernels"]
-    width = 0.8 / len(others)
-    for k, provider in enumerate(others):
-        values = []
-        for case in cases:
-            ours = summary["cases"][case].get("oodkernels", {}).get("p50", math.nan)
-            theirs = summary["cases"][case].get(provider, {}).get("p50", math.nan)
-            values.append(theirs / ours if ours and not math.isnan(ours) else math.nan)
-        ax.bar([i + (k - (len(others) - 1) / 2) * width for i in range(len(cases))], values, width, label=provider)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(cases)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("speed-up of oodkernels (x)")
+    width = 0.8 / max(len(series), 1)
+    for k, (label, values) in enumerate(series.items()):
+        offsets = [i + (k - (len(series) - 1) / 2) * width for i in range(len(cases))]
+        ax.bar(offsets, values, width, label=label)
+    if hline is not None:
+        value, style, label = hline
+        ax.axhline(value, label=label, **style)
+    ax.set_xticks(range(len(cases)), [c.replace("/", "\n", 1) for c in cases], rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
     ax.set_title(f"full step, {summary['device']}, {summary['date']}")
     ax.legend()
     fig.tight_layout()
-    path = stem.with_name(stem.name + "_speedup.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(cases)), 5))
-    width = 0.8 / len(PROVIDERS)
-    for k, provider in enumerate(PROVIDERS):
-        values = [summary["cases"][c].get(provider, {}).get("gbps", math.nan) for c in cases]
-        ax.bar([i + (k - (len(PROVIDERS) - 1) / 2) * width for i in range(len(cases))], values, width, label=provider)
+
+def plot(summary: dict, stem: Path) -> list[Path]:
+    """Write ``<stem>_speedup.png`` and ``<stem>_bandwidth.png``; returns the paths (needs matplotlib)."""
+    cases = summary["cases"]
+
+    def p50(case, provider):
+        return cases[case].get(provider, {}).get("p50", math.nan)
+
+    speedups = {}
+    for provider in (p for p in PROVIDERS if p != "oodkernels"):
+        ours = [p50(c, "oodkernels") for c in cases]
+        speedups[provider] = [
+            p50(c, provider) / o if o and not math.isnan(o) else math.nan for c, o in zip(cases, ours)
+        ]
+    bandwidth = {p: [cases[c].get(p, {}).get("gbps", math.nan) for c in cases] for p in PROVIDERS}
+    roofline = None
     if not math.isnan(summary["copy_gbps"]):
-        ax.axhline(summary["copy_gbps"], color="red", linestyle="--", label="copy bandwidth (roofline)")
-    ax.set_xticks(range(len(cases)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("achieved GB/s (bytes model of KERNEL_GUIDE §1.5)")
-    ax.set_title(f"full step, {summary['device']}, {summary['date']}")
-    ax.legend()
-    fig.tight_layout()
-    path = stem.with_name(stem.name + "_bandwidth.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    return written
+        roofline = (summary["copy_gbps"], {"color": "red", "linestyle": "--"}, "copy bandwidth (roofline)")
+    return [
+        _bar_chart(
+            summary,
+            speedups,
+            "speed-up of oodkernels (x)",
+            stem.with_name(stem.name + "_speedup.png"),
+            (1.0, {"color": "black", "linewidth": 0.8}, None),
+        ),
+        _bar_chart(
+            summary,
+            bandwidth,
+            "achieved GB/s (bytes model of KERNEL_GUIDE §1.5)",
+            stem.with_name(stem.name + "_bandwidth.png"),
+            roofline,
+        ),
+    ]
 
 
 def main(argv=None) -> int:
