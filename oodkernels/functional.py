@@ -18,6 +18,10 @@ are ID, ``y < 0`` OOD. The docstring of each function states its math.
 ``objectosphere_loss``             entropic term + feature-norm term
 ``vos_reg_loss``                   CE + α·logistic regression on the weighted energy
 ``pairwise_distances``             clamped squared distances by expansion
+``pairwise_sq_distances``          (B, D) features to (K, D) centers, in the features' dtype
+``center_loss``                    Center loss from features and centers, one fused call
+``cac_loss``                       CAC loss from features and anchors, one fused call
+``mchad_loss``                     MCHAD loss from features and centers, one fused call
 ``cac_distance_loss``              CAC anchor + tuplet terms from distances
 ``center_distance_loss``           Center loss from distances
 ``mchad_distance_loss``            MCHAD's three terms from distances
@@ -26,7 +30,9 @@ are ID, ``y < 0`` OOD. The docstring of each function states its math.
 
 from .ops import background_class_loss
 from .ops import cac_distance_loss
+from .ops import cac_loss
 from .ops import center_distance_loss
+from .ops import center_loss
 from .ops import confidence_loss
 from .ops import confidence_penalty_loss
 from .ops import cross_entropy
@@ -35,9 +41,12 @@ from .ops import entropic_open_set_loss
 from .ops import logit_norm_loss
 from .ops import margin_confidence_loss
 from .ops import mchad_distance_loss
+from .ops import mchad_loss
 from .ops import objectosphere_loss
 from .ops import outlier_exposure_loss
 from .ops import pairwise_distances
+from .ops import pairwise_sq_distances
+from .ops import sq_distances  # noqa: F401  (the distance hook of the center criteria in oodkernels.loss)
 from .ops import vos_reg_loss
 
 __all__ = [
@@ -56,4 +65,8 @@ __all__ = [
     "cac_distance_loss",
     "center_distance_loss",
     "mchad_distance_loss",
+    "pairwise_sq_distances",
+    "center_loss",
+    "cac_loss",
+    "mchad_loss",
 ]

@@ -13,19 +13,15 @@ kernels land. :func:`oodkernels.backend_info` reports what runs where.
 
 from .. import functional as _functional
 from ..reference import CRITERIA
-from ..reference import CACLoss
-from ..reference import CenterLoss
 from ..reference import ConfidenceLoss
-from ..reference import DeepSADLoss
-from ..reference import DeepSVDDLoss
 from ..reference import EnergyMarginLoss
-from ..reference import IILoss
-from ..reference import MCHADLoss
 from ..reference import ObjectosphereLoss
 from ..reference import VirtualOutlierSynthesizingRegLoss
 from ..reference import VOSRegLoss
+from ..reference import distances as _reference_distance_criteria
 from ..reference import logits as _reference_row_criteria
 from ..reference import renamed
+from ..reference import svdd as _reference_svdd_criteria
 
 logit_norm_loss = _functional.logit_norm_loss
 
@@ -59,6 +55,28 @@ MarginConfidenceLoss = _fused_row_criterion(
     _reference_row_criteria.MarginConfidenceLoss, _functional.margin_confidence_loss
 )
 LogitNorm = _fused_row_criterion(_reference_row_criteria.LogitNorm, _functional.logit_norm_loss)
+
+
+def _fused_center_criterion(reference_class, loss_fn=None):
+    """The reference criterion with its distances (and, given ``loss_fn``, its forward) dispatched."""
+    hooks = {"_sq_distances_fn": staticmethod(_functional.sq_distances)}
+    if loss_fn is not None:
+        hooks["_loss_fn"] = staticmethod(loss_fn)
+    return type(
+        reference_class.__name__,
+        (reference_class,),
+        {"__doc__": reference_class.__doc__, "__module__": __name__, **hooks},
+    )
+
+
+# distance(z) runs the fused distance kernel and forward(distances, y) the fused loss epilogue; II and the
+# one-center criteria compute their distances with the fused kernel and the O(B) rest in torch
+CACLoss = _fused_center_criterion(_reference_distance_criteria.CACLoss, _functional.cac_distance_loss)
+CenterLoss = _fused_center_criterion(_reference_distance_criteria.CenterLoss, _functional.center_distance_loss)
+MCHADLoss = _fused_center_criterion(_reference_distance_criteria.MCHADLoss, _functional.mchad_distance_loss)
+IILoss = _fused_center_criterion(_reference_distance_criteria.IILoss)
+DeepSVDDLoss = _fused_center_criterion(_reference_svdd_criteria.DeepSVDDLoss)
+DeepSADLoss = _fused_center_criterion(_reference_svdd_criteria.DeepSADLoss)
 
 __all__ = [*CRITERIA, "logit_norm_loss"]
 

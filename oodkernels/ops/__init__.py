@@ -45,8 +45,9 @@ _KERNELS: dict[str, dict[str, Callable]] = {"triton": {}, "cpp": {}}
 #: what runs the nn.Module criteria of oodkernels.loss
 CRITERIA_BACKEND = (
     "the row criteria (CrossEntropy, BackgroundClass, OutlierExposure, EntropicOpenSet, EnergyRegularized, "
-    "LogitNorm, ConfidencePenalty, MarginConfidence) run the operations above; the others are the reference "
-    "classes (plain PyTorch)"
+    "LogitNorm, ConfidencePenalty, MarginConfidence) and the center criteria (CAC, Center, MCHAD, II, DeepSVDD, "
+    "DeepSAD: distance() and forward) run the operations above; the others are the reference classes (plain "
+    "PyTorch)"
 )
 
 #: every dispatched operation and its reference implementation
@@ -63,6 +64,11 @@ REFERENCE: dict[str, Callable] = {
     "objectosphere_loss": _ref_objectosphere.objectosphere_loss,
     "vos_reg_loss": _ref_vos.vos_reg_loss,
     "pairwise_distances": _ref_centers.pairwise_distances,
+    "sq_distances": _ref_centers.sq_distances,
+    "pairwise_sq_distances": _ref_centers.pairwise_sq_distances,
+    "center_loss": _ref_distances.center_loss,
+    "cac_loss": _ref_distances.cac_loss,
+    "mchad_loss": _ref_distances.mchad_loss,
     "cac_distance_loss": _ref_distances.cac_distance_loss,
     "center_distance_loss": _ref_distances.center_distance_loss,
     "mchad_distance_loss": _ref_distances.mchad_distance_loss,
@@ -78,9 +84,10 @@ def _register_triton_family() -> str:
     """Register the fused Triton row family; returns why it is unavailable, or ''."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    from . import centers
     from . import rows
 
-    for name, fn in rows.FUSED.items():
+    for name, fn in (*rows.FUSED.items(), *centers.FUSED.items()):
         register_kernel("triton", name, fn)
     return ""
 
@@ -184,6 +191,11 @@ confidence_loss = _dispatched("confidence_loss")
 objectosphere_loss = _dispatched("objectosphere_loss")
 vos_reg_loss = _dispatched("vos_reg_loss")
 pairwise_distances = _dispatched("pairwise_distances")
+sq_distances = _dispatched("sq_distances")
+pairwise_sq_distances = _dispatched("pairwise_sq_distances")
+center_loss = _dispatched("center_loss")
+cac_loss = _dispatched("cac_loss")
+mchad_loss = _dispatched("mchad_loss")
 cac_distance_loss = _dispatched("cac_distance_loss")
 center_distance_loss = _dispatched("center_distance_loss")
 mchad_distance_loss = _dispatched("mchad_distance_loss")

@@ -61,6 +61,27 @@ def pairwise_distances(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
     return sq_distances(x, y)
 
 
+def pairwise_sq_distances(features: Tensor, centers: Tensor) -> Tensor:
+    """Squared distances of embeddings to centers by expansion, clamped at 0, in the dtype of ``features``.
+
+    :param features: (B, D)
+    :param centers: (K, D)
+    :return: (B, K) ``max(0, ‖x_i‖² + ‖m_k‖² − 2⟨x_i, m_k⟩)``, as ``ClassCenters.forward`` computes it (the
+        centers never change the output dtype)
+    """
+    check_floating("features", features)
+    check_floating("centers", centers)
+    if features.dim() != 2:
+        raise ShapeError(f"features: expected embeddings of shape (B, D), got {tuple(features.shape)}")
+    if centers.dim() != 2 or centers.shape[1] != features.shape[1]:
+        raise ShapeError(
+            f"centers: expected centers of shape (K, {features.shape[1]}) to match features of shape "
+            f"{tuple(features.shape)}, got {tuple(centers.shape)}"
+        )
+    check_same_device(features=features, centers=centers)
+    return sq_distances(features, centers, out_dtype=features.dtype)
+
+
 def class_means(
     x: Tensor, targets: Tensor, n_classes: int, valid: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None
 ) -> tuple[Tensor, Tensor]:

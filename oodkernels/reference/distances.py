@@ -57,6 +57,9 @@ __all__ = [
     "cac_distance_loss",
     "center_distance_loss",
     "mchad_distance_loss",
+    "cac_loss",
+    "center_loss",
+    "mchad_loss",
 ]
 
 CAC_EXPONENT_MAX = 50.0  # §5: the exponent d_y - d_c of the tuplet term is clamped at 50
@@ -153,7 +156,15 @@ def _cac(
     return loss.to(out)
 
 
-def cac_distance_loss(distances: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor:
+def cac_distance_loss(
+    distances: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    *,
+    n_classes: Optional[int] = None,
+    distances_name: str = "distances",
+    targets_name: str = "targets",
+) -> Tensor:
     """Class Anchor Clustering loss on squared distances to the anchors (with fix a).
 
     .. math::
@@ -168,9 +179,11 @@ def cac_distance_loss(distances: Tensor, targets: Tensor, alpha: float = 1.0) ->
     :param distances: (B, C) squared distances ``d_ic`` of each sample to each anchor
     :param targets: (B,) int64 labels; ``< 0`` marks OOD rows, ``>= C`` is an error (NaN with checks off)
     :param alpha: weight of the anchor term
+    :param n_classes: if given, the number of columns ``distances`` must have (the module's check)
+    :param distances_name: name of ``distances`` in error messages (likewise ``targets_name``)
     :return: 0-d loss in the dtype of ``distances``
     """
-    return _cac(distances, targets, alpha, None, "distances", "targets")
+    return _cac(distances, targets, alpha, n_classes, distances_name, targets_name)
 
 
 def _cac_gamma(distance: Tensor) -> tuple[Tensor, torch.dtype]:
@@ -210,6 +223,10 @@ class CACLoss(nn.Module):
         ),
     )
 
+    #: the functions ``distance`` and ``forward`` compute; :mod:`oodkernels.loss` swaps in the dispatched ones
+    _sq_distances_fn = staticmethod(sq_distances)
+    _loss_fn = staticmethod(cac_distance_loss)
+
     def __init__(self, n_classes: int, magnitude: float = 1.0, alpha: float = 1.0):
         """
         :param n_classes: number of classes C (the anchors live in C dimensions)
@@ -232,11 +249,14 @@ class CACLoss(nn.Module):
 
     def distance(self, x: Tensor) -> Tensor:
         """(B, C) embeddings -> (B, C) squared distances to the anchors, in the dtype of ``x``."""
-        return self._centers(x)
+        self._centers._check_input(x)
+        return self._sq_distances_fn(x, self._centers.params, x.dtype)
 
     def forward(self, distances: Tensor, target: Tensor) -> Tensor:
         """(B, C) squared distances, (B,) labels -> 0-d loss (see :func:`cac_distance_loss`)."""
-        return _cac(distances, target, self.alpha, self.n_classes, "distances", "target")
+        return self._loss_fn(
+            distances, target, self.alpha, n_classes=self.n_classes, distances_name="distances", targets_name="target"
+        )
 
     @staticmethod
     def score(distance: Tensor) -> Tensor:
@@ -295,7 +315,15 @@ def _center(
     return loss.to(out)
 
 
-def center_distance_loss(distances: Tensor, targets: Tensor, radius: float = 0.0) -> Tensor:
+def center_distance_loss(
+    distances: Tensor,
+    targets: Tensor,
+    radius: float = 0.0,
+    *,
+    n_classes: Optional[int] = None,
+    distances_name: str = "distances",
+    targets_name: str = "targets",
+) -> Tensor:
     """Generalised center loss on squared distances, averaged over the N_ID·C entries (as pytorch-ood).
 
     .. math::
@@ -310,9 +338,11 @@ def center_distance_loss(distances: Tensor, targets: Tensor, radius: float = 0.0
     :param distances: (B, C) squared distances to the class centers
     :param targets: (B,) int64 labels; ``< 0`` marks OOD rows
     :param radius: radius ``r``
+    :param n_classes: if given, the number of columns ``distances`` must have (the module's check)
+    :param distances_name: name of ``distances`` in error messages (likewise ``targets_name``)
     :return: 0-d loss in the dtype of ``distances``
     """
-    return _center(distances, targets, radius, None, "distances", "targets")
+    return _center(distances, targets, radius, n_classes, distances_name, targets_name)
 
 
 class CenterLoss(nn.Module):
@@ -336,6 +366,10 @@ class CenterLoss(nn.Module):
             url="https://ydwen.github.io/papers/WenECCV16.pdf",
         ),
     )
+
+    #: the functions ``distance`` and ``forward`` compute; :mod:`oodkernels.loss` swaps in the dispatched ones
+    _sq_distances_fn = staticmethod(sq_distances)
+    _loss_fn = staticmethod(center_distance_loss)
 
     def __init__(self, n_classes: int, n_dim: int, magnitude: float = 1.0, radius: float = 0.0, fixed: bool = False):
         """
@@ -369,11 +403,14 @@ class CenterLoss(nn.Module):
 
     def distance(self, z: Tensor) -> Tensor:
         """(B, D) embeddings -> (B, C) squared distances to the centers, in the dtype of ``z``."""
-        return self._centers(z)
+        self._centers._check_input(z)
+        return self._sq_distances_fn(z, self._centers.params, z.dtype)
 
     def forward(self, distmat: Tensor, target: Tensor) -> Tensor:
         """(B, C) squared distances, (B,) labels -> 0-d loss (see :func:`center_distance_loss`)."""
-        return _center(distmat, target, self.radius, self.num_classes, "distmat", "target")
+        return self._loss_fn(
+            distmat, target, self.radius, n_classes=self.num_classes, distances_name="distmat", targets_name="target"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +453,10 @@ class IILoss(nn.Module):
         ),
     )
 
+    #: the distance function of ``distance``, ``predict`` and the class-mean pairs; :mod:`oodkernels.loss` swaps
+    #: in the dispatched one
+    _sq_distances_fn = staticmethod(sq_distances)
+
     def __init__(self, n_classes: int, n_embedding: int, alpha: float = 1.0):
         """
         :param n_classes: number of classes C
@@ -437,14 +478,14 @@ class IILoss(nn.Module):
         """(B, D) embeddings -> (B, C) squared distances to the running centers, in the dtype of ``x``."""
         _check_embeddings(x, self.running_centers.n_embedding, "x")
         check_same_device(x=x, running_centers=self.running_centers.running_centers)
-        return sq_distances(x, self.running_centers.running_centers, out_dtype=x.dtype)
+        return self._sq_distances_fn(x, self.running_centers.running_centers, x.dtype)
 
     def predict(self, x: Tensor) -> Tensor:
         """(B, D) embeddings -> (B, C) class probabilities ``softmin`` of :meth:`distance`."""
         _check_embeddings(x, self.running_centers.n_embedding, "x")
         check_same_device(x=x, running_centers=self.running_centers.running_centers)
         _, acc = result_dtypes(x)
-        dist = sq_distances(x, self.running_centers.running_centers, out_dtype=acc)
+        dist = self._sq_distances_fn(x, self.running_centers.running_centers, acc)
         return torch.softmax(-dist, dim=1).to(x.dtype)
 
     def _single_class_action(self, value: float) -> None:
@@ -486,7 +527,7 @@ class IILoss(nn.Module):
         n_present = present.sum()
         pairs = present.unsqueeze(0) & present.unsqueeze(1) & ~torch.eye(n_classes, dtype=torch.bool, device=x.device)
         cap = torch.full((), II_PAIR_CAP, dtype=acc, device=x.device)
-        pair_dist = torch.where(pairs, sq_distances(mu, mu, out_dtype=acc), cap)
+        pair_dist = torch.where(pairs, self._sq_distances_fn(mu, mu, acc), cap)
         separation = pair_dist.min()
         inter = torch.where(n_present >= 2, -separation, zero)
 
@@ -547,6 +588,10 @@ def mchad_distance_loss(
     weight_center: float = 1.0,
     weight_nll: float = 1.0,
     weight_oe: float = 1.0,
+    *,
+    n_classes: Optional[int] = None,
+    distances_name: str = "distances",
+    targets_name: str = "targets",
 ) -> Tensor:
     """MCHAD loss on squared distances ``d`` (B, C), as pytorch-ood 0.4.0 implements it.
 
@@ -566,7 +611,16 @@ def mchad_distance_loss(
     :return: 0-d loss in the dtype of ``distances``
     """
     return _mchad(
-        distances, targets, radius, margin, weight_center, weight_nll, weight_oe, None, "distances", "targets"
+        distances,
+        targets,
+        radius,
+        margin,
+        weight_center,
+        weight_nll,
+        weight_oe,
+        n_classes,
+        distances_name,
+        targets_name,
     )
 
 
@@ -623,6 +677,10 @@ class MCHADLoss(nn.Module):
         ),
     )
 
+    #: the functions ``distance`` and ``forward`` compute; :mod:`oodkernels.loss` swaps in the dispatched ones
+    _sq_distances_fn = staticmethod(sq_distances)
+    _loss_fn = staticmethod(mchad_distance_loss)
+
     def __init__(
         self,
         n_classes: int,
@@ -657,11 +715,12 @@ class MCHADLoss(nn.Module):
 
     def distance(self, z: Tensor) -> Tensor:
         """(B, D) embeddings -> (B, C) squared distances to the centers, in the dtype of ``z``."""
-        return self.centers(z)
+        self.centers._check_input(z)
+        return self._sq_distances_fn(z, self.centers.params, z.dtype)
 
     def forward(self, distmat: Tensor, y: Tensor) -> Tensor:
         """(B, C) squared distances, (B,) labels (``< 0`` = OOD) -> 0-d loss."""
-        return _mchad(
+        return self._loss_fn(
             distmat,
             y,
             self.center_loss.radius,
@@ -669,7 +728,58 @@ class MCHADLoss(nn.Module):
             self.weight_center,
             self.weight_nll,
             self.weight_oe,
-            self.center_loss.num_classes,
-            "distmat",
-            "y",
+            n_classes=self.center_loss.num_classes,
+            distances_name="distmat",
+            targets_name="y",
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# one-call forms: features and centers in, the loss out (the module path distance() then forward())
+# ----------------------------------------------------------------------------------------------
+
+
+def check_features_and_centers(features, centers, features_name: str = "features", centers_name: str = "centers"):
+    """Metadata checks of embeddings (B, D) and centers (K, D); always on."""
+    check_floating(features_name, features)
+    check_floating(centers_name, centers)
+    if features.dim() != 2:
+        raise ShapeError(f"{features_name}: expected embeddings of shape (B, D), got {tuple(features.shape)}")
+    if centers.dim() != 2 or centers.shape[1] != features.shape[1]:
+        raise ShapeError(
+            f"{centers_name}: expected centers of shape (K, {features.shape[1]}) to match {features_name} of shape "
+            f"{tuple(features.shape)}, got {tuple(centers.shape)}"
+        )
+    check_same_device(**{features_name: features, centers_name: centers})
+
+
+def center_loss(features: Tensor, centers: Tensor, targets: Tensor, radius: float = 0.0) -> Tensor:
+    """:func:`center_distance_loss` of the squared distances of ``features`` (B, D) to ``centers`` (K, D).
+
+    Equal to ``CenterLoss.forward(CenterLoss.distance(features), targets)`` with these centers; the result
+    has the dtype of ``features``. Gradients reach ``features`` and (if they require it) ``centers``.
+    """
+    check_features_and_centers(features, centers)
+    return center_distance_loss(sq_distances(features, centers, out_dtype=features.dtype), targets, radius)
+
+
+def cac_loss(features: Tensor, anchors: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor:
+    """:func:`cac_distance_loss` of the squared distances of ``features`` (B, D) to ``anchors`` (K, D)."""
+    check_features_and_centers(features, anchors, centers_name="anchors")
+    return cac_distance_loss(sq_distances(features, anchors, out_dtype=features.dtype), targets, alpha)
+
+
+def mchad_loss(
+    features: Tensor,
+    centers: Tensor,
+    targets: Tensor,
+    radius: float = 0.0,
+    margin: Union[float, Tensor] = 0.0,
+    weight_center: float = 1.0,
+    weight_nll: float = 1.0,
+    weight_oe: float = 1.0,
+) -> Tensor:
+    """:func:`mchad_distance_loss` of the squared distances of ``features`` (B, D) to ``centers`` (K, D)."""
+    check_features_and_centers(features, centers)
+    distances = sq_distances(features, centers, out_dtype=features.dtype)
+    return mchad_distance_loss(distances, targets, radius, margin, weight_center, weight_nll, weight_oe)

@@ -96,9 +96,15 @@ def _check_labels(y, batch: int, name: str = "y") -> None:
         raise ShapeError(f"{name}: expected shape ({batch},) to match the features, got {tuple(y.shape)}")
 
 
-def _sq_distance_to_center(x: Tensor, center_row: Tensor, acc: torch.dtype) -> Tensor:
-    """``d_i = max(0, ‖x_i‖² + ‖μ‖² − 2⟨x_i, μ⟩)`` in ``acc``, shape (B,); the center's dtype plays no role."""
-    return sq_distances(x.to(acc), center_row.to(acc), out_dtype=acc).squeeze(1)
+def _sq_distance_to_center(x: Tensor, center_row: Tensor, acc: torch.dtype, fn=sq_distances) -> Tensor:
+    """``d_i = max(0, ‖x_i‖² + ‖μ‖² − 2⟨x_i, μ⟩)`` in ``acc``, shape (B,); the center's dtype plays no role.
+
+    ``fn(x, centers, out_dtype)`` computes the distances (the reference's :func:`sq_distances`, or the fused
+    kernel, which reads ``x`` as it is and upcasts on load).
+    """
+    if fn is sq_distances:
+        x = x.to(acc)
+    return fn(x, center_row.to(acc), acc).squeeze(1)
 
 
 def _radius_sq(radius, acc: torch.dtype, device) -> Tensor:
@@ -114,6 +120,10 @@ class _OneCenterLoss(nn.Module):
     """Base of the one-center criteria: the center μ (``_center``, a fixed ``ClassCenters(1, D)``) and
     the squared distance ``d_i = ‖x_i − μ‖²`` (expansion, clamped at 0) of features (B, D)."""
 
+    #: the distance function ``(x, centers, out_dtype) -> (B, K)``; :mod:`oodkernels.loss` swaps in the
+    #: dispatched one
+    _sq_distances_fn = staticmethod(sq_distances)
+
     def __init__(self, n_dim: int, center: Optional[Tensor]):
         super().__init__()
         _init_center(self, n_dim, center)
@@ -128,7 +138,7 @@ class _OneCenterLoss(nn.Module):
         _check_features(x, self._center.n_features)
         check_same_device(x=x, center=self._center.params)
         out, acc = result_dtypes(x)
-        return _sq_distance_to_center(x, self._center.params, acc), out, acc
+        return _sq_distance_to_center(x, self._center.params, acc, self._sq_distances_fn), out, acc
 
 
 class DeepSVDDLoss(_OneCenterLoss):
@@ -201,7 +211,10 @@ class DeepSVDDLoss(_OneCenterLoss):
             is_id = torch.ones(x.shape[:1], dtype=torch.bool, device=x.device)
         else:
             is_id = id_mask_with_warning(y, checks)
-        rows = (_sq_distance_to_center(x, self._center.params, acc) - _radius_sq(self.radius, acc, x.device)).relu()
+        rows = (
+            _sq_distance_to_center(x, self._center.params, acc, self._sq_distances_fn)
+            - _radius_sq(self.radius, acc, x.device)
+        ).relu()
 
         if self.reduction == "mean":
             loss = masked_mean(rows, is_id)  # no ID row gives an attached 0 (Z(x))
@@ -314,7 +327,7 @@ class DeepSADLoss(_OneCenterLoss):
         check_same_device(x=x, y=y, center=self._center.params)
         out, acc = result_dtypes(x)
 
-        d = _sq_distance_to_center(x, self._center.params, acc)
+        d = _sq_distance_to_center(x, self._center.params, acc, self._sq_distances_fn)
         is_ood = y < 0
         one = torch.ones((), dtype=acc, device=x.device)
         # the inverse is only formed where it is used, so an ID row at the center (with eps = 0)

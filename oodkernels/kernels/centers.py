@@ -1,0 +1,671 @@
+"""The center-distance kernel family: squared distances to class centers, with each loss in the epilogue.
+
+Distances. Embeddings ``X (B, D)`` and centers ``M (K, D)`` give, by expansion (LOSS_CONTRACT §2.6)::
+
+    raw_ik = (‖x_i‖² + ‖m_k‖²) − 2·⟨x_i, m_k⟩,        d_ik = max(raw_ik, 0)
+
+A program owns ``BLOCK_B`` rows and loops over center tiles of ``BLOCK_K``; inside, the cross term is
+accumulated over ``BLOCK_D`` slices with ``tl.dot`` (``input_precision="ieee"`` for fp32, TF32 only on
+request, KERNEL_GUIDE P15). bf16/fp16 operands go to ``tl.dot`` natively on a GPU (fp32 accumulation); under
+the interpreter, whose bf16 dot is wrong, and for mixed dtypes they are upcast first (constexpr ``UPCAST``).
+fp64 (gradcheck) uses a broadcast product and ``tl.sum`` instead of ``tl.dot``: the same expansion, exact
+fp64. Row norms come from the X slices; center norms ``‖m_k‖²`` are computed once per call by the launcher.
+The float32 cancellation of the expansion (``x = (1000, 1000)``, ``m = (1000.001, 1000)`` give 0.0, exact
+value 9.5e-7) is the reference's behaviour and is kept: same expansion, same clamp, zero gradient where the
+raw expansion is negative. No ``(B, K, D)`` tensor exists anywhere.
+
+Row losses (constexpr ``KIND``; ``y`` the label, ID ``0 <= y < K``, OOD ``y < 0``, ``y >= K`` gives NaN)::
+
+    CAC     ID:  ℓ = α·d_y + log(1 + S),      S = Σ_{c≠y} e_c,  e_c = exp(min(d_y − d_c, 50))
+    CENTER  ID:  ℓ = clamp(relu(d_y − r), 1e-12, 1e12) + (K − 1)·1e-12      (no target column: K·1e-12)
+    MCHAD   ID:  ℓ = w_c·[clamp(relu(d_y − r), 1e-12, 1e12) + (K − 1)·1e-12]/K + w_n·(lse(−d) + d_y)
+            OOD: ℓ = w_o·Σ_c relu(m² − d_c²)
+    (other rows: ℓ = 0)
+
+The caller turns the row values into the criterion with device-side normalisers (means over ID rows,
+MCHAD's OOD sum), so autograd hands the backward a per-row ``γ_i`` that already holds ``grad_output`` and
+every normaliser, applied before any batch sum (KERNEL_GUIDE P2). ``d_y`` is the target column's distance,
+gathered before the center loop (CAC's exponent clamp needs it while the tiles stream); ``lse(−d)`` is an
+online log-sum-exp across the tiles. Saved statistics, per row: ``[raw_y, S or lse(−d), T]`` with
+``T = Σ_{c≠y} κ_c·e_c``, ``κ_c = 1[d_y − d_c <= 50]`` (torch.clamp passes the gradient at the bound).
+
+Backward. A recompute kernel rebuilds the distance tiles (the same code, so bitwise the forward's values)
+and writes ``G_ik = γ_i·∂ℓ_i/∂d_ik`` masked by the clamp (``raw_ik >= 0``, torch.clamp's rule)::
+
+    CAC     G_ic = −γ·κ_c·e_c/(1 + S)  (c ≠ y),      G_iy = γ·(α + T/(1 + S))
+    CENTER  G_iy = γ·1[1e-12 <= d_y − r <= 1e12]
+    MCHAD   ID:  G_ic = −γ·w_n·softmax(−d)_c + [c = y]·γ·(w_n + w_c·1[1e-12 <= d_y − r <= 1e12]/K)
+            OOD: G_ic = −2·γ·w_o·d_c·1[m² − d_c² > 0]
+
+The ops layer then forms ``dX = 2·(rowsum(G)⊙X − G·M)`` and ``dM = 2·(colsum(G)⊙M − Gᵀ·X)`` with
+``torch.addmm`` (cuBLAS/MKL, deterministic); ``dM`` is skipped for fixed centers. With ``FROM_DIST`` the same
+kernels read a given (B, K) distance matrix instead (the module path ``crit(distances, targets)``): no
+clamp, and ``G`` is the gradient of the distances themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# criterion kinds (constexpr KIND)
+CAC = 0
+CENTER = 1
+MCHAD = 2
+
+#: statistics saved per row by the forward: raw_y, S (CAC) or lse(−d) (MCHAD), T (CAC)
+N_STATS = 3
+
+CAC_EXPONENT_MAX = 50.0
+CENTER_CLAMP_MIN = 1e-12
+CENTER_CLAMP_MAX = 1e12
+
+
+@triton.jit
+def _exp(x, USE_FP64: tl.constexpr):
+    # fp32 maps onto the hardware ex2; fp64 keeps the exact natural exponential (gradcheck-grade)
+    if USE_FP64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _log1p(s):
+    """``log(1 + s)`` accurate for small ``s`` (Goldberg's trick: the rounding of ``1 + s`` cancels)."""
+    u = 1.0 + s
+    return tl.where(u == 1.0, s, tl.log(u) * (s / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _param(p, BLOCK_B: tl.constexpr, ACC: tl.constexpr):
+    """A scalar hyper-parameter (an fp64 argument) as an ACC vector: fp32 runs see the fp32-rounded value (P9)."""
+    return (tl.zeros([BLOCK_B], ACC) + p).to(ACC)
+
+
+@triton.jit
+def _row_prologue(
+    X,
+    M,
+    Mn,
+    rows,
+    row_mask,
+    y_safe,  # [BLOCK_B] target column (0 where the row has none)
+    has_target,  # [BLOCK_B] rows whose target column exists
+    n_dim,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    ACC: tl.constexpr,
+    FROM_DIST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(‖x_i‖², raw_iy)``: the row norms and the target column's raw distance (gathered center rows).
+
+    With ``FROM_DIST`` ``X`` is the distance matrix: the norm is unused and ``raw_iy = X[i, y_i]``.
+    """
+    xn = tl.zeros([BLOCK_B], ACC)
+    if FROM_DIST:
+        raw_y = tl.load(X + rows * stride_x_b + y_safe * stride_x_d, mask=has_target, other=0.0).to(ACC)
+    else:
+        dot_y = tl.zeros([BLOCK_B], ACC)
+        for d0 in range(0, n_dim, BLOCK_D):
+            dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            dmask = dd < n_dim
+            xb = tl.load(
+                X + rows[:, None] * stride_x_b + dd[None, :] * stride_x_d,
+                mask=row_mask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(ACC)
+            mb = tl.load(
+                M + y_safe[:, None] * stride_m_k + dd[None, :] * stride_m_d,
+                mask=has_target[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(ACC)
+            xn += tl.sum(xb * xb, axis=1)
+            dot_y += tl.sum(xb * mb, axis=1)
+        mn_y = tl.load(Mn + y_safe, mask=has_target, other=0.0).to(ACC)
+        raw_y = (xn + mn_y) - 2.0 * dot_y
+    return xn, raw_y
+
+
+@triton.jit
+def _raw_tile(
+    X,
+    M,
+    Mn,
+    xn,  # [BLOCK_B] ‖x_i‖² (unused with FROM_DIST)
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    n_dim,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    ACC: tl.constexpr,
+    FROM_DIST: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The ``[BLOCK_B, BLOCK_K]`` tile of raw distances (before the clamp), in ACC.
+
+    Forward and backward call this same function, so the recompute is bitwise the forward's tile.
+    """
+    if FROM_DIST:
+        raw = tl.load(
+            X + rows[:, None] * stride_x_b + cols[None, :] * stride_x_d,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+    else:
+        cross = tl.zeros([BLOCK_B, BLOCK_K], ACC)
+        for d0 in range(0, n_dim, BLOCK_D):
+            dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            dmask = dd < n_dim
+            xb = tl.load(
+                X + rows[:, None] * stride_x_b + dd[None, :] * stride_x_d,
+                mask=row_mask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            mb = tl.load(
+                M + cols[:, None] * stride_m_k + dd[None, :] * stride_m_d,
+                mask=col_mask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                if UPCAST:
+                    if TF32:
+                        cross = tl.dot(xb.to(ACC), tl.trans(mb.to(ACC)), cross, input_precision="tf32")
+                    else:
+                        cross = tl.dot(xb.to(ACC), tl.trans(mb.to(ACC)), cross, input_precision="ieee")
+                else:
+                    # bf16/fp16 operands on the tensor cores, fp32 accumulation (products are exact in fp32)
+                    cross = tl.dot(xb, tl.trans(mb), cross)
+            else:
+                # fp64: the same expansion without tl.dot (exact fp64 products and sums)
+                cross += tl.sum(xb.to(ACC)[:, None, :] * mb.to(ACC)[None, :, :], axis=2)
+        mn = tl.load(Mn + cols, mask=col_mask, other=0.0).to(ACC)
+        # the reference's order: (‖x‖² + ‖m‖²) − 2·x·m
+        raw = (xn[:, None] + mn[None, :]) - 2.0 * cross
+    return raw
+
+
+@triton.jit
+def _classify(Y, rows, row_mask, stride_y, n_centers):
+    """``(y, y_safe, is_id, is_ood, has_target)`` of a block of rows; labels of any integer dtype."""
+    y = tl.load(Y + rows * stride_y, mask=row_mask, other=0).to(tl.int64)
+    is_id = row_mask & (y >= 0)
+    is_ood = row_mask & (y < 0)
+    has_target = is_id & (y < n_centers)
+    y_safe = tl.where(has_target, y, 0)
+    return y, y_safe, is_id, is_ood, has_target
+
+
+@triton.jit
+def _center_term(d_y, radius, has_target, n_centers):
+    """``(clamp(relu(d_y − r), 1e-12, 1e12) + (K − 1)·1e-12, 1[gradient passes])``; no target: ``K·1e-12``."""
+    t = d_y - radius
+    pulled = tl.minimum(tl.maximum(t, 1e-12), 1e12)  # relu then clamp: relu(t) < 1e-12 clamps to 1e-12 anyway
+    pulled = tl.where(has_target, pulled, 1e-12)
+    value = pulled + (n_centers - 1) * 1e-12
+    passes = has_target & (t >= 1e-12) & (t <= 1e12)
+    return value, passes
+
+
+@triton.jit
+def _center_loss_fwd_kernel(
+    X,  # features (B, D), or the distance matrix (B, K) with FROM_DIST
+    M,  # centers (K, D) (unused with FROM_DIST)
+    Mn,  # (K,) ACC center norms ‖m_k‖² (unused with FROM_DIST)
+    Y,  # (B,) labels, any integer dtype
+    Margin,  # MCHAD's margin m, one element (unused otherwise)
+    Values,  # (B,) ACC row values ℓ_i
+    Stats,  # (N_STATS, B) ACC
+    n_rows,  # B
+    n_centers,  # K
+    n_dim,  # D
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    stride_y,
+    p_0: tl.float64,  # CAC α; CENTER / MCHAD radius r
+    p_1: tl.float64,  # MCHAD w_c
+    p_2: tl.float64,  # MCHAD w_n
+    p_3: tl.float64,  # MCHAD w_o
+    KIND: tl.constexpr,
+    FROM_DIST: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    # 1. rows, labels, the target column's distance
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    y, y_safe, is_id, is_ood, has_target = _classify(Y, rows, row_mask, stride_y, n_centers)
+    xn, raw_y = _row_prologue(
+        X, M, Mn, rows, row_mask, y_safe, has_target, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+        ACC, FROM_DIST, BLOCK_B, BLOCK_D,
+    )  # fmt: skip
+    if FROM_DIST:
+        d_y = raw_y
+    else:
+        d_y = tl.maximum(raw_y, 0.0)
+    # a label >= K has no target column: NaN, as the reference's gather gives
+    d_y = tl.where(is_id & ~has_target, float("nan"), d_y)
+    p0 = _param(p_0, BLOCK_B, ACC)
+    s_cac = tl.zeros([BLOCK_B], ACC)
+    t_cac = tl.zeros([BLOCK_B], ACC)
+    run_max = tl.full([BLOCK_B], float("-inf"), ACC)
+    run_sum = tl.zeros([BLOCK_B], ACC)
+    push = tl.zeros([BLOCK_B], ACC)
+    m_sq = tl.zeros([BLOCK_B], ACC)
+    if KIND == 2:
+        m = tl.load(Margin).to(ACC)
+        m_sq = tl.zeros([BLOCK_B], ACC) + m * m
+    # 2. stream the center tiles (CENTER needs only d_y: no tile at all)
+    if KIND != 1:
+        for k0 in range(0, n_centers, BLOCK_K):
+            cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            col_mask = cols < n_centers
+            raw = _raw_tile(
+                X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k,
+                stride_m_d, ACC, FROM_DIST, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+            )  # fmt: skip
+            if FROM_DIST:
+                d = raw
+            else:
+                d = tl.maximum(raw, 0.0)
+            # columns past K are infinitely far: they add exp(−inf) = 0 and relu(−inf) = 0
+            d = tl.where(col_mask[None, :], d, float("inf"))
+            if KIND == 0:  # CAC tuplet sum over c ≠ y
+                gap = d_y[:, None] - d
+                e = _exp(tl.minimum(gap, 50.0), USE_FP64)
+                other = (cols[None, :] != y_safe[:, None]) & col_mask[None, :]
+                e = tl.where(other, e, 0.0)
+                s_cac += tl.sum(e, axis=1)
+                t_cac += tl.sum(tl.where(gap <= 50.0, e, 0.0), axis=1)
+            if KIND == 2:  # MCHAD: online lse(−d), and the OOD push Σ relu(m² − d²)
+                v = -d
+                m_new = tl.maximum(run_max, tl.max(v, axis=1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+                run_sum = run_sum * _exp(run_max - shift, USE_FP64) + tl.sum(_exp(v - shift[:, None], USE_FP64), axis=1)
+                run_max = m_new
+                push += tl.sum(tl.where(col_mask[None, :], tl.maximum(m_sq[:, None] - d * d, 0.0), 0.0), axis=1)
+    # 3. row values and statistics
+    zero = tl.zeros([BLOCK_B], ACC)
+    stat_1 = zero
+    if KIND == 0:
+        value = tl.where(is_id, p0 * d_y + _log1p(s_cac), 0.0)
+        stat_1 = s_cac
+    elif KIND == 1:
+        center, _ = _center_term(d_y, p0, has_target, n_centers)
+        value = tl.where(is_id, center, 0.0)
+    else:
+        center, _ = _center_term(d_y, p0, has_target, n_centers)
+        run_sum = tl.where(row_mask, run_sum, 1.0)
+        lse = run_max + tl.log(run_sum)
+        stat_1 = lse
+        w_c = _param(p_1, BLOCK_B, ACC)
+        w_n = _param(p_2, BLOCK_B, ACC)
+        w_o = _param(p_3, BLOCK_B, ACC)
+        value_id = w_c * (center / n_centers) + w_n * (lse + d_y)
+        value = tl.where(is_id, value_id, tl.where(is_ood, w_o * push, 0.0))
+    tl.store(Values + rows, value.to(Values.dtype.element_ty), mask=row_mask)
+    tl.store(Stats + rows, raw_y.to(Stats.dtype.element_ty), mask=row_mask)
+    tl.store(Stats + n_rows + rows, stat_1.to(Stats.dtype.element_ty), mask=row_mask)
+    tl.store(Stats + 2 * n_rows + rows, t_cac.to(Stats.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _center_loss_bwd_kernel(
+    Gv,  # (B,) upstream gradient γ of the row values, any stride
+    X,
+    M,
+    Mn,
+    Y,
+    Margin,
+    Stats,  # (N_STATS, B) from the forward
+    Grad,  # (B, K) out: G = γ·∂ℓ/∂d (ACC), or dL/d(distances) with FROM_DIST (their dtype)
+    n_rows,
+    n_centers,
+    n_dim,
+    stride_g,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    stride_y,
+    stride_o_b,
+    stride_o_k,
+    p_0: tl.float64,
+    p_1: tl.float64,
+    p_2: tl.float64,
+    p_3: tl.float64,
+    KIND: tl.constexpr,
+    FROM_DIST: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    # 1. this program's tile: rows × centers; per-row γ and statistics
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < n_centers
+    y, y_safe, is_id, is_ood, has_target = _classify(Y, rows, row_mask, stride_y, n_centers)
+    gamma = tl.load(Gv + rows * stride_g, mask=row_mask, other=0.0).to(ACC)
+    raw_y = tl.load(Stats + rows, mask=row_mask, other=0.0).to(ACC)
+    stat_1 = tl.load(Stats + n_rows + rows, mask=row_mask, other=0.0).to(ACC)
+    t_cac = tl.load(Stats + 2 * n_rows + rows, mask=row_mask, other=0.0).to(ACC)
+    if FROM_DIST:
+        d_y = raw_y
+        pass_y = has_target
+    else:
+        d_y = tl.maximum(raw_y, 0.0)
+        pass_y = has_target & (raw_y >= 0.0)  # torch.clamp(min=0) passes the gradient at exactly 0
+    d_y = tl.where(is_id & ~has_target, float("nan"), d_y)
+    p0 = _param(p_0, BLOCK_B, ACC)
+    # 2. recompute the distance tile (the forward's code) unless the loss reads only d_y
+    xn = tl.zeros([BLOCK_B], ACC)
+    raw = tl.zeros([BLOCK_B, BLOCK_K], ACC)
+    if KIND != 1:
+        if not FROM_DIST:
+            xn, _ = _row_prologue(
+                X, M, Mn, rows, row_mask, y_safe, has_target & False, n_dim, stride_x_b, stride_x_d,
+                stride_m_k, stride_m_d, ACC, FROM_DIST, BLOCK_B, BLOCK_D,
+            )  # fmt: skip
+        raw = _raw_tile(
+            X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+            ACC, FROM_DIST, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+        )  # fmt: skip
+    if FROM_DIST:
+        d = raw
+        pass_tile = row_mask[:, None] & col_mask[None, :]
+    else:
+        d = tl.maximum(raw, 0.0)
+        pass_tile = row_mask[:, None] & col_mask[None, :] & (raw >= 0.0)
+    # 3. ∂ℓ/∂d: a term over every column and a term at the target column
+    is_y = (cols[None, :] == y_safe[:, None]) & pass_y[:, None]
+    zero_tile = tl.zeros([BLOCK_B, BLOCK_K], ACC)
+    tile_term = zero_tile
+    if KIND == 0:
+        one_plus_s = 1.0 + stat_1
+        gap = d_y[:, None] - d
+        e = _exp(tl.minimum(gap, 50.0), USE_FP64)
+        other = (cols[None, :] != y_safe[:, None]) & (gap <= 50.0)
+        tile_term = tl.where(other, -e / one_plus_s[:, None], 0.0)
+        target_term = p0 + t_cac / one_plus_s
+        row_on = has_target | (is_id & ~has_target)  # NaN rows stay NaN
+        tile_term = tl.where(row_on[:, None], tile_term, 0.0)
+        target_term = tl.where(row_on, target_term, 0.0)
+    elif KIND == 1:
+        _, passes = _center_term(d_y, p0, has_target, n_centers)
+        target_term = tl.where(is_id & passes, 1.0, 0.0).to(ACC)
+    else:
+        w_c = _param(p_1, BLOCK_B, ACC)
+        w_n = _param(p_2, BLOCK_B, ACC)
+        w_o = _param(p_3, BLOCK_B, ACC)
+        m = tl.load(Margin).to(ACC)
+        m_sq = m * m
+        _, passes = _center_term(d_y, p0, has_target, n_centers)
+        soft = _exp(-d - stat_1[:, None], USE_FP64)
+        push_grad = tl.where(m_sq - d * d > 0.0, -2.0 * d, 0.0)
+        tile_term = tl.where(
+            is_id[:, None], -w_n[:, None] * soft, tl.where(is_ood[:, None], w_o[:, None] * push_grad, 0.0)
+        )
+        target_term = tl.where(is_id, w_n + w_c * tl.where(passes, 1.0, 0.0) / n_centers, 0.0)
+    grad = tl.where(pass_tile, tile_term, 0.0) + tl.where(is_y, target_term[:, None], 0.0)
+    grad = gamma[:, None] * grad
+    tl.store(
+        Grad + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k,
+        grad.to(Grad.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
+def _sq_distances_kernel(
+    X,  # (B, D)
+    M,  # (K, D)
+    Mn,  # (K,) ACC center norms
+    Gin,  # (B, K) upstream gradient (WITH_GRAD only)
+    Out,  # (B, K): clamped distances (out dtype), or the clamp-masked gradient G (ACC) with WITH_GRAD
+    n_rows,
+    n_centers,
+    n_dim,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    stride_gi_b,
+    stride_gi_k,
+    stride_o_b,
+    stride_o_k,
+    WITH_GRAD: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TF32: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One [BLOCK_B, BLOCK_K] tile of ``max(raw, 0)`` (forward) or of ``grad·1[raw >= 0]`` (backward)."""
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < n_centers
+    no_target = rows < 0
+    xn, _ = _row_prologue(
+        X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+        ACC, False, BLOCK_B, BLOCK_D,
+    )  # fmt: skip
+    raw = _raw_tile(
+        X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+        ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+    )  # fmt: skip
+    mask = row_mask[:, None] & col_mask[None, :]
+    if WITH_GRAD:
+        g = tl.load(Gin + rows[:, None] * stride_gi_b + cols[None, :] * stride_gi_k, mask=mask, other=0.0).to(ACC)
+        result = tl.where(raw >= 0.0, g, 0.0)
+    else:
+        result = tl.maximum(raw, 0.0)
+    tl.store(Out + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k, result.to(Out.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (LOSS_CONTRACT §2.10)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dot_flags(x: torch.Tensor, centers: torch.Tensor) -> tuple[bool, bool]:
+    """``(USE_DOT, UPCAST)``: fp64 runs without tl.dot; bf16/fp16 go native only on a GPU with both operands
+    in the same half dtype (the interpreter's bf16 dot is wrong, triton #11584)."""
+    if acc_dtype(x, centers) == torch.float64:
+        return False, True
+    native = x.dtype == centers.dtype and x.dtype in (torch.bfloat16, torch.float16) and not _interpreting()
+    return True, not native
+
+
+def launch_config(n_rows: int, n_centers: int, n_dim: int, dtype: torch.dtype, block_override=None):
+    """``(BLOCK_B, BLOCK_K, BLOCK_D, num_warps)``.
+
+    Starting points, not yet measured on a GPU (none was available when this was written; KERNEL_GUIDE
+    §2.7): 64 x 64 output tiles with 32-wide D slices keep the two operand tiles and the fp32 accumulator in
+    registers at 4 warps (the shape of Triton's matmul tutorial's smaller configs); tl.dot needs every
+    dimension >= 16 on a GPU. fp64 (no tl.dot: a [B, K, D] broadcast product in registers) uses 16 x 16 x 16.
+    """
+    if block_override is not None:
+        b, k, d = block_override
+        if not _interpreting():
+            b, k, d = max(b, 16), max(k, 16), max(d, 16)
+        return int(b), int(k), int(d), 4
+    if dtype == torch.float64:
+        return 16, 16, 16, 4
+    block_k = 64 if n_centers > 32 else (32 if n_centers > 16 else 16)
+    block_d = 32 if n_dim > 16 else 16
+    return 64, block_k, block_d, 4
+
+
+def center_norms(centers: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``‖m_k‖²`` in ACC, once per call (KERNEL_GUIDE §3)."""
+    return centers.to(acc).pow(2).sum(1)
+
+
+def sq_distances(
+    x: torch.Tensor, centers: torch.Tensor, out_dtype: torch.dtype, tf32: bool = False, block_override=None
+) -> torch.Tensor:
+    """Launch the distance kernel: (B, K) clamped squared distances in ``out_dtype``."""
+    acc = acc_dtype(x, centers)
+    n_rows, n_dim = x.shape
+    n_centers = centers.shape[0]
+    out = torch.empty((n_rows, n_centers), dtype=out_dtype, device=x.device)
+    if n_rows == 0 or n_centers == 0:
+        return out
+    mn = center_norms(centers, acc)
+    use_dot, upcast = dot_flags(x, centers)
+    bb, bk, bd, num_warps = launch_config(
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+    )
+    grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
+    _sq_distances_kernel[grid](
+        X=x, M=centers, Mn=mn, Gin=out, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
+        stride_gi_b=0, stride_gi_k=0, stride_o_b=out.stride(0), stride_o_k=out.stride(1),
+        WITH_GRAD=False, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
+        BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def sq_distances_grad(
+    grad: torch.Tensor, x: torch.Tensor, centers: torch.Tensor, tf32: bool = False, block_override=None
+) -> torch.Tensor:
+    """Launch the distance backward: ``G = grad·1[raw >= 0]`` (B, K) in ACC (the clamp mask, recomputed)."""
+    acc = acc_dtype(x, centers)
+    n_rows, n_dim = x.shape
+    n_centers = centers.shape[0]
+    out = torch.empty((n_rows, n_centers), dtype=acc, device=x.device)
+    if n_rows == 0 or n_centers == 0:
+        return out
+    mn = center_norms(centers, acc)
+    use_dot, upcast = dot_flags(x, centers)
+    bb, bk, bd, num_warps = launch_config(
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+    )
+    grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
+    _sq_distances_kernel[grid](
+        X=x, M=centers, Mn=mn, Gin=grad, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
+        stride_gi_b=grad.stride(0), stride_gi_k=grad.stride(1), stride_o_b=out.stride(0), stride_o_k=out.stride(1),
+        WITH_GRAD=True, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
+        BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _geometry(x: torch.Tensor, centers):
+    """``(B, K, D, acc, center norms, centers tensor, USE_DOT, UPCAST)``; ``centers is None``: x is (B, K) distances."""
+    if centers is None:
+        acc = acc_dtype(x)
+        return x.shape[0], x.shape[1], 0, acc, x, x, False, True
+    acc = acc_dtype(x, centers)
+    use_dot, upcast = dot_flags(x, centers)
+    return x.shape[0], centers.shape[0], x.shape[1], acc, center_norms(centers, acc), centers, use_dot, upcast
+
+
+def loss_forward(
+    x: torch.Tensor,
+    centers,
+    targets: torch.Tensor,
+    margin,
+    kind: int,
+    params: tuple,
+    tf32: bool = False,
+    block_override=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused forward: ``(row values (B,), statistics (N_STATS, B))`` in ACC."""
+    n_rows, n_centers, n_dim, acc, mn, m, use_dot, upcast = _geometry(x, centers)
+    values = torch.empty((n_rows,), dtype=acc, device=x.device)
+    stats = torch.empty((N_STATS, n_rows), dtype=acc, device=x.device)
+    if n_rows == 0:
+        return values, stats
+    bb, bk, bd, num_warps = launch_config(
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+    )
+    p0, p1, p2, p3 = (float(p) for p in params)
+    _center_loss_fwd_kernel[(triton.cdiv(n_rows, bb),)](
+        X=x, M=m, Mn=mn, Y=targets, Margin=margin if margin is not None else values, Values=values, Stats=stats,
+        n_rows=n_rows, n_centers=n_centers, n_dim=n_dim, stride_x_b=x.stride(0), stride_x_d=x.stride(1),
+        stride_m_k=m.stride(0), stride_m_d=m.stride(1), stride_y=targets.stride(0),
+        p_0=p0, p_1=p1, p_2=p2, p_3=p3, KIND=kind, FROM_DIST=centers is None, USE_FP64=acc == torch.float64,
+        USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
+    )  # fmt: skip
+    return values, stats
+
+
+def loss_backward(
+    grad_values: torch.Tensor,
+    x: torch.Tensor,
+    centers,
+    targets: torch.Tensor,
+    margin,
+    stats: torch.Tensor,
+    kind: int,
+    params: tuple,
+    tf32: bool = False,
+    block_override=None,
+) -> torch.Tensor:
+    """Launch the recompute kernel: ``G = γ·∂ℓ/∂d`` (B, K) in ACC (``centers=None``: dL/d(distances), their dtype)."""
+    n_rows, n_centers, n_dim, acc, mn, m, use_dot, upcast = _geometry(x, centers)
+    out_dtype = x.dtype if centers is None else acc
+    grad = torch.empty((n_rows, n_centers), dtype=out_dtype, device=x.device)
+    if n_rows == 0 or n_centers == 0:
+        return grad
+    bb, bk, bd, num_warps = launch_config(
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+    )
+    p0, p1, p2, p3 = (float(p) for p in params)
+    grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
+    _center_loss_bwd_kernel[grid](
+        Gv=grad_values, X=x, M=m, Mn=mn, Y=targets, Margin=margin if margin is not None else stats, Stats=stats,
+        Grad=grad, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        stride_g=grad_values.stride(0) if grad_values.dim() else 0, stride_x_b=x.stride(0), stride_x_d=x.stride(1),
+        stride_m_k=m.stride(0), stride_m_d=m.stride(1), stride_y=targets.stride(0),
+        stride_o_b=grad.stride(0), stride_o_k=grad.stride(1),
+        p_0=p0, p_1=p1, p_2=p2, p_3=p3, KIND=kind, FROM_DIST=centers is None, USE_FP64=acc == torch.float64,
+        USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
+    )  # fmt: skip
+    return grad

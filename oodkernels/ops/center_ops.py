@@ -1,0 +1,238 @@
+"""The center family's custom operators (``torch.library``, ``mutates_args=()``, fake impls, autograd).
+
+Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints, floats only):
+
+``center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d) -> Tensor``
+    (B, D), (K, D) -> (B, K) ``max(0, ‖x‖² + ‖m‖² − 2 x·m)`` in ``out_dtype``. Differentiable in both.
+``center_sq_distances_bwd(grad, x, centers, tf32, block_b, block_k, block_d) -> Tensor``
+    ``G = grad·1[raw >= 0]`` (B, K) in fp32 (fp64 for fp64 inputs); the GEMMs follow in the autograd formula.
+``center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)``
+    -> ``(values (B,), stats (3, B))`` in fp32/fp64. ``kind``: 0 CAC (p0 = α), 1 Center (p0 = r), 2 MCHAD
+    (p0 = r, p1..p3 = w_center, w_nll, w_oe, ``margin`` a one-element tensor). ``centers=None`` means ``x`` is
+    a (B, K) distance matrix (the module path ``crit(distances, targets)``); otherwise ``x`` are (B, D)
+    features and the distances are computed in the kernel. ``values`` is differentiable in ``x`` and
+    ``centers``; the caller reduces it with device-side normalisers, so the backward's per-row γ already holds
+    ``grad_output`` and every normaliser (KERNEL_GUIDE P2).
+``center_loss_bwd(grad_values, x, centers, targets, margin, stats, kind, p0, p1, p2, p3, tf32, blocks)``
+    -> ``G = γ·∂ℓ/∂d`` (B, K): fp32/fp64 for features, the distances' dtype for a distance matrix.
+
+The backward formulas turn ``G`` into ``dX = 2·(rowsum(G)⊙X − G·M)`` and ``dM = 2·(colsum(G)⊙M − Gᵀ·X)``
+with ``torch.addmm`` in fp32 (fp64), skipping ``dM`` when the centers need no gradient. The two ``*_bwd``
+ops raise in their own backward: double backward through the fused kernels is not supported.
+
+``block_* = 0`` picks the launch heuristic; tests force small blocks (multi-tile paths) with
+:func:`forced_blocks`. TF32 for fp32 ``tl.dot`` is opt-in through :func:`tf32_dot` (about 1e-3 relative
+error, and it worsens the expansion's cancellation ~8000x; KERNEL_GUIDE §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import centers as _kernels
+
+_FORCED_BLOCKS: list = [None]
+_TF32: list = [False]
+
+
+@contextlib.contextmanager
+def forced_blocks(block_b: int, block_k: int, block_d: int):
+    """Within the block, every center op launches with the given tile sizes (tests: multi-tile paths)."""
+    _FORCED_BLOCKS[0] = (int(block_b), int(block_k), int(block_d))
+    try:
+        yield
+    finally:
+        _FORCED_BLOCKS[0] = None
+
+
+@contextlib.contextmanager
+def tf32_dot(enabled: bool = True):
+    """Within the block, fp32 distance products use TF32 tensor cores (opt-in; about 1e-3 relative error)."""
+    saved = _TF32[0]
+    _TF32[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _TF32[0] = saved
+
+
+def launch_args() -> tuple[bool, int, int, int]:
+    """``(tf32, block_b, block_k, block_d)`` to pass to the ops."""
+    forced = _FORCED_BLOCKS[0]
+    return (_TF32[0], *((0, 0, 0) if forced is None else forced))
+
+
+def _override(block_b: int, block_k: int, block_d: int):
+    return None if min(block_b, block_k, block_d) <= 0 else (block_b, block_k, block_d)
+
+
+def _acc(*tensors: Optional[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _gemm_grads(ctx_needs_x: bool, ctx_needs_m: bool, g: Tensor, x: Tensor, centers: Tensor):
+    """``dX = 2·(rowsum(G)⊙X − G·M)``, ``dM = 2·(colsum(G)⊙M − Gᵀ·X)``, in G's dtype, cast to the inputs'."""
+    acc = g.dtype
+    xa = x.to(acc)
+    ma = centers.to(acc)
+    grad_x = grad_m = None
+    if ctx_needs_x:
+        grad_x = torch.addmm(g.sum(1, keepdim=True) * xa, g, ma, beta=2.0, alpha=-2.0).to(x.dtype)
+    if ctx_needs_m:
+        grad_m = torch.addmm(g.sum(0).unsqueeze(1) * ma, g.t(), xa, beta=2.0, alpha=-2.0).to(centers.dtype)
+    return grad_x, grad_m
+
+
+def _raise_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"oodkernels::{op}: double backward through the fused center kernels is not supported; "
+            "use OODKERNELS_BACKEND=reference for higher-order gradients"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# distances
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("oodkernels::center_sq_distances", mutates_args=())
+def center_sq_distances(
+    x: Tensor, centers: Tensor, out_dtype: torch.dtype, tf32: bool, block_b: int, block_k: int, block_d: int
+) -> Tensor:
+    return _kernels.sq_distances(x, centers, out_dtype, tf32, _override(block_b, block_k, block_d))
+
+
+@center_sq_distances.register_fake
+def _(x, centers, out_dtype, tf32, block_b, block_k, block_d):
+    return x.new_empty((x.shape[0], centers.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("oodkernels::center_sq_distances_bwd", mutates_args=())
+def center_sq_distances_bwd(
+    grad: Tensor, x: Tensor, centers: Tensor, tf32: bool, block_b: int, block_k: int, block_d: int
+) -> Tensor:
+    return _kernels.sq_distances_grad(grad, x, centers, tf32, _override(block_b, block_k, block_d))
+
+
+@center_sq_distances_bwd.register_fake
+def _(grad, x, centers, tf32, block_b, block_k, block_d):
+    return x.new_empty((x.shape[0], centers.shape[0]), dtype=_acc(x, centers))
+
+
+def _dist_setup_context(ctx, inputs, output):
+    x, centers, out_dtype, tf32, block_b, block_k, block_d = inputs
+    ctx.save_for_backward(x, centers)
+    ctx.params = (tf32, block_b, block_k, block_d)
+
+
+def _dist_backward(ctx, grad):
+    x, centers = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None, None, None
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, x, centers, *ctx.params)
+    grad_x, grad_m = _gemm_grads(ctx.needs_input_grad[0], ctx.needs_input_grad[1], g, x, centers)
+    return grad_x, grad_m, None, None, None, None, None
+
+
+center_sq_distances.register_autograd(_dist_backward, setup_context=_dist_setup_context)
+center_sq_distances_bwd.register_autograd(_raise_double_backward("center_sq_distances_bwd"), setup_context=_no_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused losses
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("oodkernels::center_loss_fwd", mutates_args=())
+def center_loss_fwd(
+    x: Tensor,
+    centers: Optional[Tensor],
+    targets: Tensor,
+    margin: Optional[Tensor],
+    kind: int,
+    p0: float,
+    p1: float,
+    p2: float,
+    p3: float,
+    tf32: bool,
+    block_b: int,
+    block_k: int,
+    block_d: int,
+) -> tuple[Tensor, Tensor]:
+    return _kernels.loss_forward(
+        x, centers, targets, margin, kind, (p0, p1, p2, p3), tf32, _override(block_b, block_k, block_d)
+    )
+
+
+@center_loss_fwd.register_fake
+def _(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d):
+    acc = _acc(x, centers)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((_kernels.N_STATS, x.shape[0]), dtype=acc)
+
+
+@torch.library.custom_op("oodkernels::center_loss_bwd", mutates_args=())
+def center_loss_bwd(
+    grad_values: Tensor,
+    x: Tensor,
+    centers: Optional[Tensor],
+    targets: Tensor,
+    margin: Optional[Tensor],
+    stats: Tensor,
+    kind: int,
+    p0: float,
+    p1: float,
+    p2: float,
+    p3: float,
+    tf32: bool,
+    block_b: int,
+    block_k: int,
+    block_d: int,
+) -> Tensor:
+    return _kernels.loss_backward(
+        grad_values, x, centers, targets, margin, stats, kind, (p0, p1, p2, p3), tf32,
+        _override(block_b, block_k, block_d),
+    )  # fmt: skip
+
+
+@center_loss_bwd.register_fake
+def _(grad_values, x, centers, targets, margin, stats, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d):
+    if centers is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty((x.shape[0], centers.shape[0]), dtype=_acc(x, centers))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, centers, targets, margin, stats)
+    ctx.params = (kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)
+
+
+def _loss_backward(ctx, grad_values, grad_stats):
+    x, centers, targets, margin, stats = ctx.saved_tensors
+    nones = (None,) * 11
+    need_x = ctx.needs_input_grad[0]
+    need_m = centers is not None and ctx.needs_input_grad[1]
+    if not (need_x or need_m):
+        return (None, None, *nones)
+    g = torch.ops.oodkernels.center_loss_bwd(grad_values, x, centers, targets, margin, stats, *ctx.params)
+    if centers is None:
+        return (g, None, *nones)
+    grad_x, grad_m = _gemm_grads(need_x, need_m, g, x, centers)
+    return (grad_x, grad_m, *nones)
+
+
+center_loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+center_loss_bwd.register_autograd(_raise_double_backward("center_loss_bwd"), setup_context=_no_context)
