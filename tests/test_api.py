@@ -33,7 +33,7 @@ def test_the_seventeen_pytorch_ood_criteria_and_ours_are_all_there():
 def test_renamed_deep_sad_alias_warns(namespace):
     with pytest.warns(DeprecationWarning, match="SSDeepSVDDLoss was renamed to DeepSADLoss"):
         cls = namespace.SSDeepSVDDLoss
-    assert cls is ok.DeepSADLoss
+    assert cls is namespace.DeepSADLoss  # the fused subclass in ok / ok.loss, the reference class in ok.reference
     with pytest.raises(AttributeError, match="NoSuchLoss"):
         namespace.NoSuchLoss  # noqa: B018
 
@@ -183,12 +183,13 @@ def test_backend_info_reports_every_operation_honestly():
     assert info["version"] == ok.__version__
     assert set(info["operations"]) == set(ops.REFERENCE)
     # auto: CPU tensors run the reference (no C++ extension yet); CUDA tensors the Triton kernels where
-    # they exist, i.e. exactly the fused row family
+    # they exist, i.e. exactly the fused row and center families
+    from oodkernels.ops import centers
     from oodkernels.ops import rows
 
     for name, where in info["operations"].items():
         assert where["cpu"] == "reference", name
-        assert where["cuda"] == ("triton" if name in rows.FUSED else "reference"), name
+        assert where["cuda"] == ("triton" if name in rows.FUSED or name in centers.FUSED else "reference"), name
     assert "run the operations above" in info["criteria"]
     text = str(info)
     for name in ops.REFERENCE:
