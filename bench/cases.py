@@ -60,6 +60,11 @@ SCORES = ("energy", "max_softmax", "max_logit", "entropy")
 
 #: the dispatched operation (oodkernels.ops) behind each criterion / score, for oodkernels.backend_info()
 OP_NAMES = {
+    "CACLoss": "cac_distance_loss",
+    "CenterLoss": "center_distance_loss",
+    "MCHADLoss": "mchad_distance_loss",
+    "IILoss": "sq_distances",
+    "DeepSVDDLoss": "sq_distances",
     "EnergyRegularizedLoss": "energy_regularized_loss",
     "OutlierExposureLoss": "outlier_exposure_loss",
     "EntropicOpenSetLoss": "entropic_open_set_loss",
@@ -157,6 +162,15 @@ class Case:
         scores: ``R·C·s + 4R``.
         """
         r, c, s = self.rows, self.classes, self.itemsize
+        if self.family == "centers":
+            # features (B, D) and centers (K, D) read once forward (plus labels and 3 fp32 stats per row);
+            # backward re-reads both for the recompute, writes and re-reads G (B, K) fp32, and runs two GEMMs
+            # that read X, M, G and write dX, dM
+            k = int(self.hparams.get("n_classes", 1))
+            operands = (r * c + k * c) * s
+            fwd = operands + r * (target_itemsize + 12)
+            bwd = 2 * operands + 3 * r * k * 4 + r * (target_itemsize + 12) + operands
+            return {"fwd": fwd, "no-grad": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
         if self.family == "scores":
             return r * c * s + 4 * r
         k = self.stats_per_row
@@ -178,7 +192,7 @@ class Case:
 
         target = (
             getattr(oodkernels.loss, self.criterion)
-            if self.family == "rows"
+            if self.family in ("rows", "centers")
             else getattr(oodkernels.scores, self.criterion)
         )
         try:
@@ -316,6 +330,44 @@ def score_case(group, score, shape, dtype, quick=False) -> Case:
     )
 
 
+#: the center criteria: constructor arguments for (B, K, D); CAC's anchors live in K dimensions (D = K)
+CENTER_CRITERIA = ("CACLoss", "CenterLoss", "MCHADLoss", "IILoss", "DeepSVDDLoss")
+
+#: unfused reference passes (pytorch-ood / reference eager), in units of the (B, K) distance matrix
+CENTER_PASSES = (
+    "distance(): norms 1R of X, mm B·K·D, two broadcasts and a clamp: ~4 B×K passes written and read; loss: "
+    "gather, exp/log or masks over B×K, 3-6 more passes; backward mirrors each (~2x), plus the mm gradients"
+)
+
+
+def center_case(group, criterion, batch, n_centers, n_dim, dtype, quick=False) -> Case:
+    """A center-family case: features (B, D), K centers; ``shape`` is the features' shape (B, D)."""
+    if criterion == "CACLoss":
+        n_dim = n_centers
+        hparams = {"n_classes": n_centers}
+    elif criterion == "IILoss":
+        hparams = {"n_classes": n_centers, "n_embedding": n_dim}
+    elif criterion == "DeepSVDDLoss":
+        n_centers = 1
+        hparams = {"n_dim": n_dim}
+    else:
+        hparams = {"n_classes": n_centers, "n_dim": n_dim}
+    return Case(
+        name=f"{group}/{criterion}/{batch}x{n_centers}x{n_dim}/{dtype}",
+        family="centers",
+        criterion=criterion,
+        shape=(batch, n_dim),
+        dtype=dtype,
+        reduction="mean" if criterion == "DeepSVDDLoss" else None,
+        hparams=hparams,
+        quick=quick,
+        group=group,
+        x_name="rows",
+        x_value=float(batch),
+        note=CENTER_PASSES,
+    )
+
+
 def _build() -> None:
     # issue #3: the row criteria at the large and small shapes
     issue3 = [
@@ -364,6 +416,15 @@ def _build() -> None:
             ((2, 19, 128, 256), "fp32", True),
         ):
             register(score_case("scores", score, shape, dtype, quick=quick))
+
+    # issue #4: the center family, (65536, 512) x 1000 centers fp32 and bf16, (4096, 128) x 100
+    for criterion in CENTER_CRITERIA:
+        for batch, n_centers, n_dim, dtype, quick in (
+            (65536, 1000, 512, "fp32", False),
+            (65536, 1000, 512, "bf16", False),
+            (4096, 100, 128, "fp32", True),
+        ):
+            register(center_case("centers", criterion, batch, n_centers, n_dim, dtype, quick=quick))
 
 
 _build()

@@ -195,10 +195,12 @@ def make_inputs(case, device, seed: int = 0):
     logits = logits.to(torch_dtype(case.dtype))
     if case.memory_format == "channels_last":
         logits = logits.contiguous(memory_format=torch.channels_last)
-    if case.family != "rows":
+    if case.family == "scores":
         return logits, None
     target_shape = (case.shape[0],) + tuple(case.shape[2:])
     n_id = case.classes - 1 if case.criterion == "BackgroundClassLoss" else case.classes
+    if case.family == "centers":
+        n_id = int(case.hparams.get("n_classes", 1))
     targets = torch.randint(0, n_id, target_shape, device=device, generator=gen, dtype=torch.int64)
     if case.labels == "mixed":
         ood = torch.rand(target_shape, device=device, generator=gen) < case.ood_fraction
@@ -222,9 +224,30 @@ def criterion_kwargs(case) -> dict:
     return kwargs
 
 
+def center_criterion(namespace, case):
+    """``fn(features, targets)`` of a center criterion: ``crit(crit.distance(z), y)`` for CAC / Center / MCHAD,
+    ``crit(z, y)`` for II and DeepSVDD. Constructed from seed 0, so every provider has the same centers (the
+    construction draws are pytorch-ood's, LOSS_CONTRACT §6); moved to the features' device on first use."""
+    import torch
+
+    torch.manual_seed(0)
+    module = getattr(namespace, case.criterion)(**criterion_kwargs(case))
+    takes_distances = case.criterion in ("CACLoss", "CenterLoss", "MCHADLoss")
+
+    def fn(z, y):
+        state = next(iter(module.state_dict().values()))
+        if state.device != z.device:
+            module.to(z.device)
+        return module(module.distance(z), y) if takes_distances else module(z, y)
+
+    return fn
+
+
 def build_reference(case):
     import oodkernels
 
+    if case.family == "centers":
+        return center_criterion(oodkernels.reference, case)
     if case.family == "rows":
         module = getattr(oodkernels.reference, case.criterion)(**criterion_kwargs(case))
         return lambda x, y: module(x, y)
@@ -237,6 +260,17 @@ def build_provider(name: str, case, pytorch_ood):
 
     import oodkernels
 
+    if case.family == "centers":
+        if name == "oodkernels":
+            return center_criterion(oodkernels.loss, case)
+        if name == "reference":
+            return build_reference(case)
+        if name == "reference-compiled":
+            return torch.compile(center_criterion(oodkernels.reference, case), dynamic=False)
+        if name == "pytorch-ood":
+            if pytorch_ood is None:
+                raise Unavailable("pytorch-ood 0.4.0 is not importable")
+            return center_criterion(pytorch_ood.loss, case)
     if name == "oodkernels":
         if case.family == "rows":
             module = getattr(oodkernels.loss, case.criterion)(**criterion_kwargs(case))
@@ -302,7 +336,7 @@ def mode_callable(fn, case, mode: str, logits, targets):
     """``(stmt, grad_to_none)`` running ``mode`` of ``fn``; ``stmt`` clears the grad itself on CPU."""
     import torch
 
-    if case.family != "rows":
+    if case.family == "scores":
         if mode == "fwd":
             return (lambda: fn(logits)), []
         if mode == "no-grad":
@@ -423,7 +457,7 @@ def fp64_truth(case, logits, targets):
 
     ref = build_reference(case)
     x = logits.detach().to(torch.float64)
-    if case.family != "rows":
+    if case.family == "scores":
         with torch.no_grad():
             return ref(x), None
     x.requires_grad_(True)
@@ -447,7 +481,7 @@ def provider_errors(fn, case, logits, targets, truth) -> dict:
     import torch
 
     value64, grad64 = truth
-    if case.family != "rows":
+    if case.family == "scores":
         err = max_abs(fn(logits), value64)
         return {"fwd": err, "no-grad": err}
     x = logits.detach().requires_grad_(True)
@@ -476,7 +510,7 @@ def run_case(case, args, device, env, pytorch_ood, info) -> tuple[list, list]:
     torch.manual_seed(args.seed)
     logits, targets = make_inputs(case, device, args.seed)
     truth = fp64_truth(case, logits, targets)
-    modes = [m for m in args.modes if case.family == "rows" or m in SCORE_MODES]
+    modes = [m for m in args.modes if case.family != "scores" or m in SCORE_MODES]
     results = {}  # (provider, mode) -> dict
     skipped = {}
     built = {}

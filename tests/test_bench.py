@@ -47,6 +47,13 @@ def test_registry_has_the_issue_cases():
     assert len(cases.select(pattern="^sweep_b/", family="rows")) == 2 * 15
     assert len(cases.select(pattern="^sweep_c/")) == 2 * 6
     assert {c.criterion for c in cases.select(family="scores")} == {"energy", "max_softmax", "max_logit", "entropy"}
+    # issue #4: the center family, every criterion at (65536, 512) x 1000 fp32/bf16 and (4096, 128) x 100
+    centers = cases.select(family="centers")
+    assert {c.criterion for c in centers} == set(cases.CENTER_CRITERIA)
+    mchad = cases.get("centers/MCHADLoss/65536x1000x512/bf16")
+    assert mchad.shape == (65536, 512) and mchad.hparams == {"n_classes": 1000, "n_dim": 512}
+    assert cases.get("centers/CACLoss/4096x100x100/fp32").quick
+    assert mchad.bytes_model("full") > mchad.bytes_model("fwd") > 65536 * 512 * 2
     # §1.5 byte model: full step of fp32 (R, C) = 12 B per logit plus per-row terms
     r, c = tiny.rows, tiny.classes
     assert tiny.bytes_model("full") == 12 * r * c + r * (2 * 8 + 2 * 4 * tiny.stats_per_row)
