@@ -6,7 +6,12 @@ Each criterion is its reference class (``oodkernels.reference``: constructor, st
 checks defined once). The row criteria swap the function their forward computes for the dispatched
 one of :mod:`oodkernels.functional`, so they run the fused Triton kernels on CUDA tensors (and under
 ``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKEND=triton``); the others run the reference until their
-kernels land. :func:`oodkernels.backend_info` reports what runs where.
+kernels land.
+
+ConfidenceLoss, ObjectosphereLoss, VOSRegLoss, VirtualOutlierSynthesizingRegLoss and EnergyMarginLoss
+compute their per-row cross-entropy and (weighted) energy with the dispatched ``ce_and_energy`` (one
+fused read of the logits); queues, sampling and the batch-coupled terms are device torch ops.
+:func:`oodkernels.backend_info` reports what runs where.
 
 ``SSDeepSVDDLoss`` resolves to :class:`DeepSADLoss` with a DeprecationWarning, as in pytorch-ood.
 """
@@ -59,6 +64,27 @@ MarginConfidenceLoss = _fused_row_criterion(
     _reference_row_criteria.MarginConfidenceLoss, _functional.margin_confidence_loss
 )
 LogitNorm = _fused_row_criterion(_reference_row_criteria.LogitNorm, _functional.logit_norm_loss)
+
+
+def _fused_rows_criterion(reference_class):
+    """The reference criterion with its per-row ``(CE, energy)`` computed by the dispatched ``ce_and_energy``;
+    its checks, state, RNG use and batch-coupled terms (device torch ops) stay the reference's."""
+    return type(
+        reference_class.__name__,
+        (reference_class,),
+        {
+            "__doc__": reference_class.__doc__,
+            "__module__": __name__,
+            "_row_fn": staticmethod(_functional.ce_and_energy),
+        },
+    )
+
+
+ConfidenceLoss = _fused_rows_criterion(ConfidenceLoss)
+ObjectosphereLoss = _fused_rows_criterion(ObjectosphereLoss)
+VOSRegLoss = _fused_rows_criterion(VOSRegLoss)
+VirtualOutlierSynthesizingRegLoss = _fused_rows_criterion(VirtualOutlierSynthesizingRegLoss)
+EnergyMarginLoss = _fused_rows_criterion(EnergyMarginLoss)
 
 __all__ = [*CRITERIA, "logit_norm_loss"]
 
