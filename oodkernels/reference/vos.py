@@ -421,7 +421,8 @@ class VirtualOutlierSynthesizingRegLoss(VOSRegLoss):
         update_queues(self.data_dict, self.fill_counts, features, y, valid, was_full)
 
         zero = torch.zeros((), dtype=acc, device=logits.device)
-        ce, batch_energies = self._rows(logits, y, weight)
+        # the weighted energies only enter the regulariser: without a draw they are not computed
+        ce, batch_energies = self._rows(logits, y, weight if draw else None)
         ce = torch.where(is_id, ce.to(acc), zero)
         if draw:
             virtual = sample_virtual_outliers(self.data_dict, self.eye_matrix, self.sample_from, self.select)
