@@ -46,7 +46,14 @@ def test_registry_has_the_issue_cases():
     assert "rows/LogitNorm/8x19x512x1024/bf16" not in cases.CASES  # classification only
     assert len(cases.select(pattern="^sweep_b/", family="rows")) == 2 * 15
     assert len(cases.select(pattern="^sweep_c/")) == 2 * 6
-    assert {c.criterion for c in cases.select(family="scores")} == {"energy", "max_softmax", "max_logit", "entropy"}
+    scores = {"energy", "max_softmax", "max_logit", "entropy", "weighted_energy"}
+    assert {c.criterion for c in cases.select(family="scores")} == scores
+    # issue #5: the new scores at segmentation scale, bf16 and fp32
+    for name in ("weighted_energy", "entropy_exact"):
+        for dtype in ("bf16", "fp32"):
+            case = cases.get(f"scores5/{name}/8x19x512x1024/{dtype}")
+            assert case.family == "scores" and case.shape == (8, 19, 512, 1024)
+    assert cases.get("scores5/entropy_exact/8x19x512x1024/bf16").hparams == {"clip": False}
     # §1.5 byte model: full step of fp32 (R, C) = 12 B per logit plus per-row terms
     r, c = tiny.rows, tiny.classes
     assert tiny.bytes_model("full") == 12 * r * c + r * (2 * 8 + 2 * 4 * tiny.stats_per_row)
