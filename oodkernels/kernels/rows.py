@@ -53,9 +53,17 @@ ID, LOGIT_NORM      a = ω/s, b = −ω/s, δ = −ωτρ/(ns²) n = ‖x‖, ρ
 
 One-hot terms are added in ACC before the single rounding store (KERNEL_GUIDE P4).
 
+Energy output (``RETURN_ENERGY``; ops ``row_loss_energy_fwd/bwd``). A second per-row output
+``E = −lse``, or with a class-weight vector w (``HAS_WEIGHT``) the weighted energy
+``E_w = −(m + ln d_w)``, ``d_w = Σ_c relu(w_c)·exp(x_c − m)`` kept beside ``d`` in the same online
+pass (max-subtracted, fix g). Batch-coupled terms (EnergyMargin, VOS's logistic head, the paired
+energy margin) are torch arithmetic on E; their per-row gradient ``γ_E`` arrives in the backward
+kernel as ``a −= γ_E`` (plain) or ``g −= γ_E·relu(w)·exp(x + E)`` (weighted), and
+``dL/dw_c = −Σ_r γ_E·1[w_c > 0]·exp(x_rc + E_r)`` is written as per-program partial column sums.
+
 Scores (forward only, same online pass): energy −T·lse(x/T), max softmax −1/d, max logit −max x,
 entropy −Σ p log p with p clamped to [1e-7, 1] (pytorch-ood's definition; a second pass once lse is
-known).
+known), weighted energy E_w (WHICH 4), exact entropy lse − E_p[x] (WHICH 5, one pass).
 """
 
 from __future__ import annotations
