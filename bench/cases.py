@@ -17,6 +17,8 @@ Groups
     ``sweep_seg`` EnergyRegularizedLoss on the segmentation shapes of KERNEL_GUIDE §9, NCHW and channels-last.
     ``scores``    energy, max_softmax, max_logit, entropy at (8, 19, 512, 1024) bf16 and (65536, 1000) fp32/bf16,
                   plus the CPU shapes.
+    ``scores5``   issue #5: weighted_energy and the exact entropy (``entropy_exact``, ``clip=False``) at
+                  (8, 19, 512, 1024) bf16 and fp32, plus (2, 19, 128, 256) fp32 (quick).
 
 ``quick`` marks a CPU-friendly subset (small shapes) that ``run.py --quick`` runs in a few minutes on two
 cores.
@@ -77,6 +79,7 @@ OP_NAMES = {
     "max_softmax": "max_softmax_score",
     "max_logit": "max_logit_score",
     "entropy": "entropy_score",
+    "weighted_energy": "weighted_energy_score",
 }
 
 #: fp32 statistics per row that a fused forward saves for backward (KERNEL_GUIDE §2.5, ``k`` in §1.5)
@@ -108,7 +111,11 @@ SCORE_PASSES = {
     "max_softmax": "~5R 3W: x/t 1R1W, softmax (amax, exp-sum, normalise: 3R 1W), max 1R",
     "max_logit": "1R: max over classes",
     "entropy": "~8R 4W: softmax 3R1W, clamp 1R1W, log 1R1W, mul 2R1W, sum 1R",
+    "weighted_energy": "~6R 3W: amax 1R, x - m 1R1W, exp 1R1W, relu(w)*e 1R1W, sum 1R",
 }
+
+#: issue #5 scores at segmentation scale: the weighted energy (weights = ones(C)) and the exact entropy
+ISSUE5_SCORES = (("weighted_energy", {}), ("entropy", {"clip": False}))
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
@@ -310,12 +317,13 @@ def row_case(
     )
 
 
-def score_case(group, score, shape, dtype, quick=False) -> Case:
+def score_case(group, score, shape, dtype, quick=False, hparams=None, suffix="") -> Case:
     rows = shape[0]
     for d in shape[2:]:
         rows *= d
     return Case(
-        name=f"{group}/{score}/{_shape_name(shape)}/{dtype}",
+        name=f"{group}/{score}{suffix}/{_shape_name(shape)}/{dtype}",
+        hparams=dict(hparams or {}),
         family="scores",
         criterion=score,
         shape=tuple(shape),
@@ -416,6 +424,15 @@ def _build() -> None:
             ((2, 19, 128, 256), "fp32", True),
         ):
             register(score_case("scores", score, shape, dtype, quick=quick))
+    # issue #5: the new fused scores at segmentation scale (plus a CPU-sized quick case)
+    for score, hparams in ISSUE5_SCORES:
+        suffix = "_exact" if hparams.get("clip") is False else ""
+        for shape, dtype, quick in (
+            ((8, 19, 512, 1024), "bf16", False),
+            ((8, 19, 512, 1024), "fp32", False),
+            ((2, 19, 128, 256), "fp32", True),
+        ):
+            register(score_case("scores5", score, shape, dtype, quick=quick, hparams=hparams, suffix=suffix))
 
     # issue #4: the center family, (65536, 512) x 1000 centers fp32 and bf16, (4096, 128) x 100
     for criterion in CENTER_CRITERIA:

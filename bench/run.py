@@ -252,7 +252,24 @@ def build_reference(case):
         module = getattr(oodkernels.reference, case.criterion)(**criterion_kwargs(case))
         return lambda x, y: module(x, y)
     score = getattr(oodkernels.reference.scores, case.criterion)
-    return lambda x: score(x, **case.hparams)
+    return _score_call(score, case)
+
+
+def _score_call(score, case):
+    """``fn(logits)`` of a score; the weighted energy gets ``weights = ones(C)`` (built once per device)."""
+    hparams = dict(case.hparams)
+    if case.criterion != "weighted_energy":
+        return lambda x: score(x, **hparams)
+    import torch
+
+    cache = {}
+
+    def call(x):
+        if x.device not in cache:
+            cache[x.device] = torch.ones(x.shape[1], device=x.device)
+        return score(x, cache[x.device], **hparams)
+
+    return call
 
 
 def build_provider(name: str, case, pytorch_ood):
@@ -276,7 +293,7 @@ def build_provider(name: str, case, pytorch_ood):
             module = getattr(oodkernels.loss, case.criterion)(**criterion_kwargs(case))
             return lambda x, y: module(x, y)
         score = getattr(oodkernels.scores, case.criterion)
-        return lambda x: score(x, **case.hparams)
+        return _score_call(score, case)
     if name == "reference":
         return build_reference(case)
     if name == "reference-compiled":
@@ -285,8 +302,7 @@ def build_provider(name: str, case, pytorch_ood):
             compiled = torch.compile(module, dynamic=False)
             return lambda x, y: compiled(x, y)
         score = getattr(oodkernels.reference.scores, case.criterion)
-        hparams = dict(case.hparams)
-        compiled = torch.compile(lambda x: score(x, **hparams), dynamic=False)
+        compiled = torch.compile(_score_call(score, case), dynamic=False)
         return compiled
     if name == "pytorch-ood":
         if pytorch_ood is None:
@@ -298,6 +314,8 @@ def build_provider(name: str, case, pytorch_ood):
             module = cls(**criterion_kwargs(case))
             return lambda x, y: module(x, y)
         detector = getattr(pytorch_ood.detector, PYTORCH_OOD_SCORES.get(case.criterion, ""), None)
+        if case.hparams.get("clip") is False:
+            raise Unavailable("pytorch-ood has no exact (unclipped) entropy")
         if detector is None:
             raise Unavailable(f"pytorch-ood has no score {case.criterion}")
         hparams = dict(case.hparams)

@@ -1,7 +1,8 @@
 """oodkernels: fused, exact, drop-in kernels for out-of-distribution-detection training objectives.
 
 Criteria live in :mod:`oodkernels.loss` and are re-exported here; the functional API is
-:mod:`oodkernels.functional`, the post-hoc scores :mod:`oodkernels.scores`, the plain-PyTorch
+:mod:`oodkernels.functional`, the paired-batch objectives
+:mod:`oodkernels.paired`, the post-hoc scores :mod:`oodkernels.scores`, the plain-PyTorch
 ground truth :mod:`oodkernels.reference`. :func:`backend_info` says which backend runs what.
 """
 
@@ -10,6 +11,7 @@ from . import functional
 from . import loss
 from . import model
 from . import ops
+from . import paired
 from . import reference
 from . import scores
 from . import testing
@@ -28,6 +30,7 @@ __all__ = [
     "loss",
     "model",
     "ops",
+    "paired",
     "reference",
     "scores",
     "testing",

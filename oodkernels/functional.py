@@ -25,12 +25,15 @@ are ID, ``y < 0`` OOD. The docstring of each function states its math.
 ``cac_distance_loss``              CAC anchor + tuplet terms from distances
 ``center_distance_loss``           Center loss from distances
 ``mchad_distance_loss``            MCHAD's three terms from distances
+``ce_and_energy``                  per-entry (CE, energy or weighted energy), both differentiable:
+                                   the building block of batch-coupled energy objectives
 =================================  ==========================================================
 """
 
 from .ops import background_class_loss
 from .ops import cac_distance_loss
 from .ops import cac_loss
+from .ops import ce_and_energy
 from .ops import center_distance_loss
 from .ops import center_loss
 from .ops import confidence_loss
@@ -69,4 +72,5 @@ __all__ = [
     "center_loss",
     "cac_loss",
     "mchad_loss",
+    "ce_and_energy",
 ]

@@ -46,7 +46,14 @@ def test_registry_has_the_issue_cases():
     assert "rows/LogitNorm/8x19x512x1024/bf16" not in cases.CASES  # classification only
     assert len(cases.select(pattern="^sweep_b/", family="rows")) == 2 * 15
     assert len(cases.select(pattern="^sweep_c/")) == 2 * 6
-    assert {c.criterion for c in cases.select(family="scores")} == {"energy", "max_softmax", "max_logit", "entropy"}
+    scores = {"energy", "max_softmax", "max_logit", "entropy", "weighted_energy"}
+    assert {c.criterion for c in cases.select(family="scores")} == scores
+    # issue #5: the new scores at segmentation scale, bf16 and fp32
+    for name in ("weighted_energy", "entropy_exact"):
+        for dtype in ("bf16", "fp32"):
+            case = cases.get(f"scores5/{name}/8x19x512x1024/{dtype}")
+            assert case.family == "scores" and case.shape == (8, 19, 512, 1024)
+    assert cases.get("scores5/entropy_exact/8x19x512x1024/bf16").hparams == {"clip": False}
     # issue #4: the center family, every criterion at (65536, 512) x 1000 fp32/bf16 and (4096, 128) x 100
     centers = cases.select(family="centers")
     assert {c.criterion for c in centers} == set(cases.CENTER_CRITERIA)

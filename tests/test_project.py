@@ -23,6 +23,8 @@ ALLOWED = {
     "ops": {"kernels", "_cpp", "reference", "config"},
     "functional": {"ops"},
     "scores": {"ops"},
+    # paired-batch objectives (dispatched ops) and plain-PyTorch batch-mixing utilities
+    "paired": {"ops"},
     "model": {"ops", "reference", "config"},
     "utils": {"ops", "reference", "config"},
     # criteria subclass the reference modules (constructor, state and RNG draws defined once) and

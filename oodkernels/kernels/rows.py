@@ -53,9 +53,17 @@ ID, LOGIT_NORM      a = ω/s, b = −ω/s, δ = −ωτρ/(ns²) n = ‖x‖, ρ
 
 One-hot terms are added in ACC before the single rounding store (KERNEL_GUIDE P4).
 
+Energy output (``RETURN_ENERGY``; ops ``row_loss_energy_fwd/bwd``). A second per-row output
+``E = −lse``, or with a class-weight vector w (``HAS_WEIGHT``) the weighted energy
+``E_w = −(m + ln d_w)``, ``d_w = Σ_c relu(w_c)·exp(x_c − m)`` kept beside ``d`` in the same online
+pass (max-subtracted, fix g). Batch-coupled terms (EnergyMargin, VOS's logistic head, the paired
+energy margin) are torch arithmetic on E; their per-row gradient ``γ_E`` arrives in the backward
+kernel as ``a −= γ_E`` (plain) or ``g −= γ_E·relu(w)·exp(x + E)`` (weighted), and
+``dL/dw_c = −Σ_r γ_E·1[w_c > 0]·exp(x_rc + E_r)`` is written as per-program partial column sums.
+
 Scores (forward only, same online pass): energy −T·lse(x/T), max softmax −1/d, max logit −max x,
 entropy −Σ p log p with p clamped to [1e-7, 1] (pytorch-ood's definition; a second pass once lse is
-known).
+known), weighted energy E_w (WHICH 4), exact entropy lse − E_p[x] (WHICH 5, one pass).
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ SCORE_ENERGY = 0
 SCORE_MAX_SOFTMAX = 1
 SCORE_MAX_LOGIT = 2
 SCORE_ENTROPY = 3
+SCORE_WEIGHTED_ENERGY = 4
+SCORE_ENTROPY_EXACT = 5
 
 #: statistics saved per row by the forward, in ACC: max of v, ln d, argmax, and LogitNorm's row
 #: norm ‖x‖ and ρ (unused otherwise)
@@ -120,15 +130,22 @@ def _online_pass(
     y,  # [BLOCK_R] targets (never equal to a column where the row has no target)
     mult,  # [BLOCK_R] v = x * mult
     n_classes,
+    W,  # (C,) class weights w, read as relu(w) (unused unless HAS_WEIGHT)
     ACC: tl.constexpr,
     USE_FP64: tl.constexpr,
     WITH_EXPECTATION: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Streaming statistics of ``v = x·mult`` over class blocks (online softmax, Milakov & Gimelshein 2018)."""
+    """Streaming statistics of ``v = x·mult`` over class blocks (online softmax, Milakov & Gimelshein 2018).
+
+    With ``HAS_WEIGHT`` it also keeps ``d_w = Σ_c relu(w_c)·exp(v_c − m)`` beside ``d``, rescaled with the
+    same running max, so the weighted energy ``−(m + ln d_w)`` is max-subtracted (fix g) and costs no read.
+    """
     m = tl.full([BLOCK_R], float("-inf"), ACC)
     d = tl.zeros([BLOCK_R], ACC)
+    d_w = tl.zeros([BLOCK_R], ACC)
     v_y = tl.zeros([BLOCK_R], ACC)
     sum_v = tl.zeros([BLOCK_R], ACC)
     expect = tl.zeros([BLOCK_R], ACC)
@@ -151,6 +168,9 @@ def _online_pass(
         rescale = _exp(m - shift, USE_FP64)
         p = _exp(v - shift[:, None], USE_FP64)
         d = d * rescale + tl.sum(p, axis=1)
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=cols < n_classes, other=0.0).to(ACC)
+            d_w = d_w * rescale + tl.sum(p * tl.maximum(w, 0.0)[None, :], axis=1)
         if WITH_EXPECTATION:
             # select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
             expect = expect * rescale + tl.sum(p * tl.where(p > 0, x, 0.0), axis=1)
@@ -164,8 +184,9 @@ def _online_pass(
     # rows past the end: neutral values, so that no log(0) or inf − inf is ever evaluated for them
     m = tl.where(row_mask, m, 0.0)
     d = tl.where(row_mask, d, 1.0)
+    d_w = tl.where(row_mask, d_w, 1.0)
     # with the expectation: e / d = E_softmax(v)[x], and x_y in raw units
-    return m, d, v_y, sum_v, j_star, expect, x_y
+    return m, d, v_y, sum_v, j_star, expect, x_y, d_w
 
 
 @triton.jit
@@ -282,6 +303,8 @@ def _row_loss_fwd_kernel(
     Cost,  # (C, C) contiguous cost matrix (unused unless HAS_COST)
     Loss,  # (R,) row values, ACC
     Stats,  # (N_STATS, R) statistics, ACC
+    W,  # (C,) class weights of the energy output (unused unless HAS_WEIGHT)
+    Energy,  # (R,) energy output, ACC (unused unless RETURN_ENERGY)
     n_rows,  # R
     n_classes,  # C
     inner,  # prod(S)
@@ -303,6 +326,8 @@ def _row_loss_fwd_kernel(
     USE_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr = False,  # the energy output is the weighted energy −(m + ln Σ relu(w)·e^(x−m))
+    RETURN_ENERGY: tl.constexpr = False,  # store E = −lse (or the weighted energy) of every row in range
 ):
     ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
     # 1. rows of this program, targets, row classification
@@ -319,10 +344,30 @@ def _row_loss_fwd_kernel(
     if KIND == 5:  # LOGIT_NORM
         norm = _row_norm(X, x_base, stride_x_class, row_mask, n_classes, ACC, BLOCK_R, BLOCK_C)
         mult = 1.0 / (alpha * (norm + 1e-7))
-    m, d, v_y, sum_v, j_star, expect, x_y = _online_pass(
-        X, x_base, stride_x_class, row_mask, y, mult, n_classes, ACC, USE_FP64, KIND == 5, BLOCK_R, BLOCK_C
+    m, d, v_y, sum_v, j_star, expect, x_y, d_w = _online_pass(
+        X,
+        x_base,
+        stride_x_class,
+        row_mask,
+        y,
+        mult,
+        n_classes,
+        W,
+        ACC,
+        USE_FP64,
+        KIND == 5,
+        HAS_WEIGHT,
+        BLOCK_R,
+        BLOCK_C,
     )
     log_d = tl.log(d)
+    if RETURN_ENERGY:
+        # a second per-row output: batch-coupled energy terms are torch arithmetic on it, and their
+        # gradient comes back to the backward kernel as one more per-row coefficient
+        if HAS_WEIGHT:
+            tl.store(Energy + rows, -(m + tl.log(d_w)), mask=row_mask)
+        else:
+            tl.store(Energy + rows, -(m + log_d), mask=row_mask)
     rho = expect / d - x_y  # LogitNorm's Σ_j q_j x_j − x_y, saved so that backward reads the row once
     # 3. row value
     omega = _cost_weight(Cost, y, j_star, n_classes, is_id, ACC, HAS_COST)
@@ -357,6 +402,11 @@ def _row_loss_bwd_kernel(
     Cost,
     Stats,  # (N_STATS, R) from the forward
     Grad,  # fresh gradient, same shape as X, its own strides
+    GE,  # (R,) upstream gradient of the energy output, any stride (unused unless HAS_ENERGY_GRAD)
+    Energy,  # (R,) the forward's energy output (read only with HAS_WEIGHT)
+    W,  # (C,) class weights (unused unless HAS_WEIGHT)
+    GW,  # (programs, C) partial sums of dL/dw, ACC (written only with HAS_WEIGHT)
+    stride_ge,
     n_rows,
     n_classes,
     inner,
@@ -383,9 +433,12 @@ def _row_loss_bwd_kernel(
     USE_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_ENERGY_GRAD: tl.constexpr = False,
+    HAS_WEIGHT: tl.constexpr = False,
 ):
     ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     y, is_id, is_ood, invalid = _classify_rows(
         Y, rows, row_mask, inner, width, stride_y_outer, stride_y_h, stride_y_w, n_classes, ignore_index, HAS_IGNORE
@@ -430,6 +483,15 @@ def _row_loss_bwd_kernel(
     c = gamma * c / n_classes
     h = gamma * h
     delta = gamma * delta
+    # the energy output E: dE/dx = −p (E = −lse) or −q with the weighted softmax q_c = relu(w_c)·e^(x_c + E)
+    g_e = zero
+    energy = zero
+    if HAS_ENERGY_GRAD:
+        g_e = tl.load(GE + rows * stride_ge, mask=row_mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            energy = tl.load(Energy + rows, mask=row_mask, other=0.0)
+        else:
+            a = a - g_e
     # 2. stream the row once more and write the gradient
     for c0 in range(0, n_classes, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -441,6 +503,14 @@ def _row_loss_bwd_kernel(
             g += delta[:, None] * x
         g += tl.where(cols[None, :] == y[:, None], b[:, None], 0.0)
         g += tl.where(cols[None, :] == j_star[:, None], h[:, None], 0.0)
+        if HAS_WEIGHT:
+            # e^(x − m)/d_w, from the saved E = −(m + ln d_w); −inf logits give 0
+            r = _exp(x + energy[:, None], USE_FP64)
+            w = tl.load(W + cols, mask=cols < n_classes, other=0.0).to(ACC)
+            dq = tl.where(mask, -g_e[:, None] * r, 0.0)
+            g += dq * tl.maximum(w, 0.0)[None, :]
+            # dE/dw_c = −1[w_c > 0]·e^(x_c − m)/d_w: per-program partial column sums, summed in order on the host side
+            tl.store(GW + pid * n_classes + cols, tl.sum(dq, axis=0) * (w > 0).to(ACC), mask=cols < n_classes)
         ptrs = Grad + d_base[:, None] + cols[None, :].to(tl.int64) * stride_d_class
         tl.store(ptrs, g.to(Grad.dtype.element_ty), mask=mask)
 
@@ -458,6 +528,7 @@ def _row_scores_kernel(
     stride_x_h,
     stride_x_w,
     p_t: tl.float64,  # temperature
+    W,  # (C,) class weights (WHICH == 4 only)
     WHICH: tl.constexpr,
     USE_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -470,11 +541,28 @@ def _row_scores_kernel(
     t = _param(p_t, BLOCK_R, ACC)
     mult = tl.full([BLOCK_R], 1.0, ACC) / t
     no_target = tl.full([BLOCK_R], -1, tl.int64)
-    m, d, v_y, sum_v, j_star, expect, x_y = _online_pass(
-        X, x_base, stride_x_class, row_mask, no_target, mult, n_classes, ACC, USE_FP64, False, BLOCK_R, BLOCK_C
+    m, d, v_y, sum_v, j_star, expect, x_y, d_w = _online_pass(
+        X,
+        x_base,
+        stride_x_class,
+        row_mask,
+        no_target,
+        mult,
+        n_classes,
+        W,
+        ACC,
+        USE_FP64,
+        WHICH == 5,
+        WHICH == 4,
+        BLOCK_R,
+        BLOCK_C,
     )
     log_d = tl.log(d)
-    if WHICH == 0:  # energy
+    if WHICH == 4:  # weighted energy, max-subtracted (fix g): +inf where every weight is <= 0
+        score = -(m + tl.log(d_w))
+    elif WHICH == 5:  # exact entropy H = lse − E_p[x], one read (no clamp)
+        score = log_d - (expect / d - m)
+    elif WHICH == 0:  # energy
         score = -t * (m + log_d)
     elif WHICH == 1:  # max softmax
         score = -tl.exp(-log_d)
@@ -549,14 +637,39 @@ def row_loss_forward(
     block_override=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward: ``(row values (R,), statistics (N_STATS, R))`` in ACC dtype."""
+    loss, _, stats = row_loss_energy_forward(
+        logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, None, False, block_override
+    )
+    return loss, stats
+
+
+def row_loss_energy_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    cost: torch.Tensor | None,
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: int | None,
+    class_weight: torch.Tensor | None,
+    return_energy: bool = True,
+    block_override=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward with the energy output: ``(row values (R,), energy (R,), statistics (N_STATS, R))``.
+
+    ``energy`` is ``−lse`` of every row in range, or the weighted energy ``−(m + ln Σ_c relu(w_c)·e^(x_c − m))``
+    with ``class_weight`` (C,) contiguous in ACC dtype (``w`` as given; the relu is applied in the kernel).
+    """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
     _, _, _, (sy_o, _, sy_h, sy_w) = row_view(targets, False)
     n_classes = logits.shape[1]
     loss = torch.empty((n_rows,), dtype=acc, device=logits.device)
     stats = torch.empty((N_STATS, n_rows), dtype=acc, device=logits.device)
+    energy = torch.empty((n_rows if return_energy else 0,), dtype=acc, device=logits.device)
     if n_rows == 0:
-        return loss, stats
+        return loss, energy, stats
     block_r, block_c, num_warps = launch_config(n_classes, logits.dtype, block_override)
     grid = (triton.cdiv(n_rows, block_r),)
     _row_loss_fwd_kernel[grid](
@@ -565,6 +678,8 @@ def row_loss_forward(
         Cost=cost if cost is not None else loss,
         Loss=loss,
         Stats=stats,
+        W=class_weight if class_weight is not None else loss,
+        Energy=energy if return_energy else loss,
         n_rows=n_rows,
         n_classes=n_classes,
         inner=inner,
@@ -586,9 +701,11 @@ def row_loss_forward(
         USE_FP64=acc == torch.float64,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
+        HAS_WEIGHT=class_weight is not None,
+        RETURN_ENERGY=bool(return_energy),
         num_warps=num_warps,
     )
-    return loss, stats
+    return loss, energy, stats
 
 
 def row_loss_backward(
@@ -605,16 +722,61 @@ def row_loss_backward(
     block_override=None,
 ) -> torch.Tensor:
     """Launch the backward: a fresh gradient with the logits' shape, dtype and (dense) memory format."""
+    grad, _ = row_loss_energy_backward(
+        grad_rows,
+        None,
+        logits,
+        targets,
+        cost,
+        stats,
+        None,
+        None,
+        kind,
+        alpha,
+        m_in,
+        m_out,
+        ignore_index,
+        block_override,
+    )
+    return grad
+
+
+def row_loss_energy_backward(
+    grad_rows: torch.Tensor,
+    grad_energy: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    cost: torch.Tensor | None,
+    stats: torch.Tensor,
+    energy: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: int | None,
+    block_override=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward with an upstream gradient of the energy output too.
+
+    :return: ``(dL/dlogits, dL/dclass_weight)``; the second is None without ``class_weight`` (and zeros
+        without ``grad_energy``). ``dL/dw`` is summed from per-program partials in program order
+        (deterministic, no atomics).
+    """
     # preserve_format keeps the logits' strides when they are dense (NCHW, channels-last,
     # transposed) and falls back to contiguous for gapped views (sliced, expanded)
     grad = torch.empty_like(logits)
     n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
     _, _, _, (sy_o, _, sy_h, sy_w) = row_view(targets, False)
     _, _, _, (sd_o, sd_c, sd_h, sd_w) = row_view(grad, True)
-    if n_rows == 0 or logits.shape[1] == 0:
-        return grad.zero_()
-    block_r, block_c, num_warps = launch_config(logits.shape[1], logits.dtype, block_override)
+    n_classes = logits.shape[1]
+    has_weight = class_weight is not None and grad_energy is not None
+    grad_w = None if class_weight is None else torch.zeros((n_classes,), dtype=stats.dtype, device=logits.device)
+    if n_rows == 0 or n_classes == 0:
+        return grad.zero_(), grad_w
+    block_r, block_c, num_warps = launch_config(n_classes, logits.dtype, block_override)
     grid = (triton.cdiv(n_rows, block_r),)
+    partial = torch.empty((grid[0] if has_weight else 0, n_classes), dtype=stats.dtype, device=logits.device)
     _row_loss_bwd_kernel[grid](
         G=grad_rows,
         X=logits,
@@ -622,8 +784,13 @@ def row_loss_backward(
         Cost=cost if cost is not None else stats,
         Stats=stats,
         Grad=grad,
+        GE=grad_energy if grad_energy is not None else stats,
+        Energy=energy if energy is not None else stats,
+        W=class_weight if class_weight is not None else stats,
+        GW=partial if has_weight else stats,
+        stride_ge=grad_energy.stride(0) if grad_energy is not None and grad_energy.dim() else 0,
         n_rows=n_rows,
-        n_classes=logits.shape[1],
+        n_classes=n_classes,
         inner=inner,
         width=width,
         stride_g=grad_rows.stride(0) if grad_rows.dim() else 0,
@@ -648,13 +815,24 @@ def row_loss_backward(
         USE_FP64=stats.dtype == torch.float64,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
+        HAS_ENERGY_GRAD=grad_energy is not None,
+        HAS_WEIGHT=has_weight,
         num_warps=num_warps,
     )
-    return grad
+    if has_weight:
+        grad_w = partial.sum(0)
+    return grad, grad_w
 
 
-def row_scores(logits: torch.Tensor, which: int, t: float, block_override=None) -> torch.Tensor:
-    """Launch the scores kernel: (R,) scores in ACC dtype, entries in the order of ``logits`` without dim 1."""
+def row_scores(
+    logits: torch.Tensor, which: int, t: float, block_override=None, class_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Launch the scores kernel: (R,) scores in ACC dtype, entries in the order of ``logits`` without dim 1.
+
+    ``class_weight`` (C,) contiguous, ACC dtype: the weights of ``SCORE_WEIGHTED_ENERGY`` (required there).
+    """
+    if which == SCORE_WEIGHTED_ENERGY and class_weight is None:
+        raise ValueError("class_weight: required for the weighted energy score")
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n_rows, inner, width, (sx_o, sx_c, sx_h, sx_w) = row_view(logits, True)
     out = torch.empty((n_rows,), dtype=acc, device=logits.device)
@@ -673,6 +851,7 @@ def row_scores(logits: torch.Tensor, which: int, t: float, block_override=None) 
         stride_x_h=sx_h,
         stride_x_w=sx_w,
         p_t=float(t),
+        W=class_weight if class_weight is not None else out,
         WHICH=which,
         USE_FP64=acc == torch.float64,
         BLOCK_R=block_r,

@@ -3,10 +3,18 @@ and state_dict keys (LOSS_CONTRACT.md §3, §6), plus ConfidencePenaltyLoss and 
 from our design notes.
 
 Each criterion is its reference class (``oodkernels.reference``: constructor, state, RNG draws and
-checks defined once). The row criteria swap the function their forward computes for the dispatched
-one of :mod:`oodkernels.functional`, so they run the fused Triton kernels on CUDA tensors (and under
-``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKEND=triton``); the others run the reference until their
-kernels land. :func:`oodkernels.backend_info` reports what runs where.
+checks defined once) with the function(s) its forward computes swapped for the dispatched ones of
+:mod:`oodkernels.functional`, so it runs the fused kernels where a backend serves the device (Triton
+on CUDA tensors, and on CPU under ``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKEND=triton``):
+
+- the eight row criteria: their whole per-row loss (``_loss_fn``);
+- ConfidenceLoss, ObjectosphereLoss, VOSRegLoss, VirtualOutlierSynthesizingRegLoss and EnergyMarginLoss:
+  their per-row cross-entropy and (weighted) energy through ``ce_and_energy`` (one fused read of the
+  logits); queues, sampling and the batch-coupled terms are device torch ops;
+- CACLoss, CenterLoss and MCHADLoss: ``distance(z)`` (fused distance kernel) and ``forward(distances, y)``
+  (fused loss epilogue); IILoss, DeepSVDDLoss and DeepSADLoss: their distances, with the O(B) rest in torch.
+
+:func:`oodkernels.backend_info` reports what runs where.
 
 ``SSDeepSVDDLoss`` resolves to :class:`DeepSADLoss` with a DeprecationWarning, as in pytorch-ood.
 """
@@ -77,6 +85,27 @@ MCHADLoss = _fused_center_criterion(_reference_distance_criteria.MCHADLoss, _fun
 IILoss = _fused_center_criterion(_reference_distance_criteria.IILoss)
 DeepSVDDLoss = _fused_center_criterion(_reference_svdd_criteria.DeepSVDDLoss)
 DeepSADLoss = _fused_center_criterion(_reference_svdd_criteria.DeepSADLoss)
+
+
+def _fused_rows_criterion(reference_class):
+    """The reference criterion with its per-row ``(CE, energy)`` computed by the dispatched ``ce_and_energy``;
+    its checks, state, RNG use and batch-coupled terms (device torch ops) stay the reference's."""
+    return type(
+        reference_class.__name__,
+        (reference_class,),
+        {
+            "__doc__": reference_class.__doc__,
+            "__module__": __name__,
+            "_row_fn": staticmethod(_functional.ce_and_energy),
+        },
+    )
+
+
+ConfidenceLoss = _fused_rows_criterion(ConfidenceLoss)
+ObjectosphereLoss = _fused_rows_criterion(ObjectosphereLoss)
+VOSRegLoss = _fused_rows_criterion(VOSRegLoss)
+VirtualOutlierSynthesizingRegLoss = _fused_rows_criterion(VirtualOutlierSynthesizingRegLoss)
+EnergyMarginLoss = _fused_rows_criterion(EnergyMarginLoss)
 
 __all__ = [*CRITERIA, "logit_norm_loss"]
 

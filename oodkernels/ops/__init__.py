@@ -36,6 +36,7 @@ from ..reference import confidence as _ref_confidence
 from ..reference import distances as _ref_distances
 from ..reference import logits as _ref_logits
 from ..reference import objectosphere as _ref_objectosphere
+from ..reference import paired as _ref_paired
 from ..reference import scores as _ref_scores
 from ..reference import vos as _ref_vos
 
@@ -45,9 +46,10 @@ _KERNELS: dict[str, dict[str, Callable]] = {"triton": {}, "cpp": {}}
 #: what runs the nn.Module criteria of oodkernels.loss
 CRITERIA_BACKEND = (
     "the row criteria (CrossEntropy, BackgroundClass, OutlierExposure, EntropicOpenSet, EnergyRegularized, "
-    "LogitNorm, ConfidencePenalty, MarginConfidence) and the center criteria (CAC, Center, MCHAD, II, DeepSVDD, "
-    "DeepSAD: distance() and forward) run the operations above; the others are the reference classes (plain "
-    "PyTorch)"
+    "LogitNorm, ConfidencePenalty, MarginConfidence, Confidence, Objectosphere, VOSReg) and the center criteria "
+    "(CAC, Center, MCHAD, II, DeepSVDD, DeepSAD: distance() and forward) run the operations above; "
+    "VirtualOutlierSynthesizingReg and EnergyMargin run ce_and_energy for their rows (queues, sampling and the "
+    "batch-coupled terms are device torch ops)"
 )
 
 #: every dispatched operation and its reference implementation
@@ -77,6 +79,9 @@ REFERENCE: dict[str, Callable] = {
     "max_logit_score": _ref_scores.max_logit,
     "entropy_score": _ref_scores.entropy,
     "weighted_energy_score": _ref_scores.weighted_energy,
+    "ce_and_energy": _ref_logits.ce_and_energy,
+    "paired_outlier_exposure": _ref_paired.outlier_exposure,
+    "paired_energy_margin": _ref_paired.energy_margin,
 }
 
 
@@ -204,6 +209,9 @@ max_softmax_score = _dispatched("max_softmax_score")
 max_logit_score = _dispatched("max_logit_score")
 entropy_score = _dispatched("entropy_score")
 weighted_energy_score = _dispatched("weighted_energy_score")
+ce_and_energy = _dispatched("ce_and_energy")
+paired_outlier_exposure = _dispatched("paired_outlier_exposure")
+paired_energy_margin = _dispatched("paired_energy_margin")
 
 
 class BackendInfo(dict):

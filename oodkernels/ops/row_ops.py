@@ -11,7 +11,28 @@ them as opaque nodes and CUDA-graph capture works (no host synchronisation insid
     ``grad_output``, every normaliser and every weight (KERNEL_GUIDE P2).
 ``row_loss_bwd(grad_values, logits, targets, cost, stats, ...)`` -> a fresh ``dL/dlogits``. Its
     own backward raises: double backward through the fused kernels is not supported.
-``row_scores(logits, which, t, block_r, block_c)`` -> (R,) scores, forward only.
+``row_scores(logits, which, t, block_r, block_c, class_weight=None)`` -> (R,) scores, forward only.
+    ``which``: 0 energy, 1 max softmax, 2 max logit, 3 entropy (clamped p, pytorch-ood's), 4 weighted
+    energy (needs ``class_weight`` (C,) in the accumulator dtype; appended argument), 5 exact entropy.
+
+Energy variants (the same template kernels with their energy output switched on; added for the
+batch-coupled criteria, EnergyMargin, VOS and the paired energy margin, whose energy terms are
+tensor arithmetic with autograd on the per-row energies)::
+
+    row_loss_energy_fwd(Tensor logits, Tensor targets, Tensor? cost, int kind, float alpha, float m_in,
+                        float m_out, int? ignore_index, int block_r, int block_c, Tensor? class_weight)
+        -> (Tensor values, Tensor energy, Tensor stats)
+    row_loss_energy_bwd(Tensor grad_values, Tensor grad_energy, Tensor logits, Tensor targets, Tensor? cost,
+                        Tensor stats, Tensor energy, Tensor? class_weight, int kind, float alpha, float m_in,
+                        float m_out, int? ignore_index, int block_r, int block_c)
+        -> (Tensor grad_logits, Tensor grad_class_weight)
+
+``values`` and ``stats`` are those of ``row_loss_fwd``; ``energy`` (R,) in the accumulator dtype is
+``−lse(x)`` of every row in range, or with ``class_weight`` (C,) (accumulator dtype, contiguous) the
+weighted energy ``−(m + ln Σ_c relu(w_c)·exp(x_c − m))``, ``m = max_c x_c``. Both ``values`` and
+``energy`` are differentiable with respect to ``logits`` and ``class_weight``: backward adds
+``−γ_E·p`` (or ``−γ_E·q``, ``q_c = relu(w_c)·exp(x_c + E)``) to the row gradient and returns
+``dL/dw_c = −Σ_rows γ_E·1[w_c > 0]·exp(x_c + E)`` ((0,) without ``class_weight``).
 
 ``block_r = block_c = 0`` picks the launch heuristic; tests force small blocks (multi-block paths)
 with :func:`forced_blocks`.
@@ -141,13 +162,148 @@ row_loss_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 @torch.library.custom_op("oodkernels::row_scores", mutates_args=())
-def row_scores(logits: Tensor, which: int, t: float, block_r: int, block_c: int) -> Tensor:
-    return _kernels.row_scores(logits, which, t, _override(block_r, block_c))
+def row_scores(
+    logits: Tensor, which: int, t: float, block_r: int, block_c: int, class_weight: Optional[Tensor] = None
+) -> Tensor:
+    return _kernels.row_scores(logits, which, t, _override(block_r, block_c), class_weight)
 
 
 @row_scores.register_fake
-def _(logits, which, t, block_r, block_c):
+def _(logits, which, t, block_r, block_c, class_weight=None):
     n_rows = logits.shape[0]
     for size in logits.shape[2:]:
         n_rows = n_rows * size
     return logits.new_empty((n_rows,), dtype=_acc(logits.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# the energy variants
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("oodkernels::row_loss_energy_fwd", mutates_args=())
+def row_loss_energy_fwd(
+    logits: Tensor,
+    targets: Tensor,
+    cost: Optional[Tensor],
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: Optional[int],
+    block_r: int,
+    block_c: int,
+    class_weight: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels.row_loss_energy_forward(
+        logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, class_weight, True, _override(block_r, block_c)
+    )
+
+
+@row_loss_energy_fwd.register_fake
+def _(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c, class_weight):
+    n_rows = targets.numel()
+    acc = _acc(logits.dtype)
+    return (
+        logits.new_empty((n_rows,), dtype=acc),
+        logits.new_empty((n_rows,), dtype=acc),
+        logits.new_empty((_kernels.N_STATS, n_rows), dtype=acc),
+    )
+
+
+@torch.library.custom_op("oodkernels::row_loss_energy_bwd", mutates_args=())
+def row_loss_energy_bwd(
+    grad_values: Tensor,
+    grad_energy: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    cost: Optional[Tensor],
+    stats: Tensor,
+    energy: Tensor,
+    class_weight: Optional[Tensor],
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: Optional[int],
+    block_r: int,
+    block_c: int,
+) -> tuple[Tensor, Tensor]:
+    grad, grad_w = _kernels.row_loss_energy_backward(
+        grad_values,
+        grad_energy,
+        logits,
+        targets,
+        cost,
+        stats,
+        energy,
+        class_weight,
+        kind,
+        alpha,
+        m_in,
+        m_out,
+        ignore_index,
+        _override(block_r, block_c),
+    )
+    if grad_w is None:
+        grad_w = stats.new_empty((0,))
+    return grad, grad_w
+
+
+@row_loss_energy_bwd.register_fake
+def _(
+    grad_values,
+    grad_energy,
+    logits,
+    targets,
+    cost,
+    stats,
+    energy,
+    class_weight,
+    kind,
+    alpha,
+    m_in,
+    m_out,
+    ignore_index,
+    block_r,
+    block_c,
+):
+    n_weights = 0 if class_weight is None else logits.shape[1]
+    return torch.empty_like(logits), stats.new_empty((n_weights,))
+
+
+def _energy_fwd_setup_context(ctx, inputs, output):
+    logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c, class_weight = inputs
+    _, energy, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, targets, cost, stats, energy, class_weight)
+    ctx.params = (kind, alpha, m_in, m_out, ignore_index, block_r, block_c)
+
+
+def _energy_fwd_backward(ctx, grad_values, grad_energy, grad_stats):
+    logits, targets, cost, stats, energy, class_weight = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[10]):
+        return (None,) * 11
+    if grad_values is None:
+        grad_values = torch.zeros_like(energy)
+    if grad_energy is None:
+        grad_energy = torch.zeros_like(energy)
+    grad_logits, grad_w = torch.ops.oodkernels.row_loss_energy_bwd(
+        grad_values, grad_energy, logits, targets, cost, stats, energy, class_weight, *ctx.params
+    )
+    grad_logits = grad_logits if ctx.needs_input_grad[0] else None
+    grad_w = grad_w if class_weight is not None and ctx.needs_input_grad[10] else None
+    return grad_logits, None, None, None, None, None, None, None, None, None, grad_w
+
+
+row_loss_energy_fwd.register_autograd(_energy_fwd_backward, setup_context=_energy_fwd_setup_context)
+
+
+def _energy_bwd_backward(ctx, grad, grad_w):
+    raise RuntimeError(
+        "oodkernels::row_loss_energy_bwd: double backward through the fused row kernels is not supported; "
+        "use OODKERNELS_BACKEND=reference for higher-order gradients"
+    )
+
+
+row_loss_energy_bwd.register_autograd(_energy_bwd_backward, setup_context=_bwd_setup_context)

@@ -16,8 +16,12 @@ import torch
 from torch import Tensor
 
 from ..kernels import rows as _k
+from ..reference import confidence as _ref_confidence
 from ..reference import logits as _ref
+from ..reference import objectosphere as _ref_objectosphere
+from ..reference import paired as _ref_paired
 from ..reference import scores as _ref_scores
+from ..reference import vos as _ref_vos
 from . import row_ops  # noqa: F401  (registers the custom ops)
 from .row_ops import block_args
 
@@ -221,28 +225,91 @@ def logit_norm_loss(logits, target, t=1.0, reduction="mean", *, weight=None, cos
 # ----------------------------------------------------------------------------------------------
 
 
-def _score(which: int, reference, logits: Tensor, temperature: float = 1.0, **reference_kwargs) -> Tensor:
+def _score(which: int, reference, logits: Tensor, temperature: float = 1.0, *, dtype=None, **reference_kwargs):
     _ref_scores.check_score_logits(logits)
+    out = _ref_scores.score_dtype(logits, dtype)
     if (torch.is_grad_enabled() and logits.requires_grad) or logits.dim() > 4:
-        return reference(logits, **reference_kwargs)
+        return reference(logits, dtype=dtype, **reference_kwargs)
     scores = torch.ops.oodkernels.row_scores(logits, which, float(temperature), *block_args())
-    return scores.reshape((logits.shape[0], *logits.shape[2:])).to(logits.dtype)
+    return scores.reshape((logits.shape[0], *logits.shape[2:])).to(out)
 
 
-def energy_score(logits, t=1.0):
-    return _score(_k.SCORE_ENERGY, _ref_scores.energy, logits, t, t=t)
+def energy_score(logits, t=1.0, *, dtype=None):
+    return _score(_k.SCORE_ENERGY, _ref_scores.energy, logits, t, dtype=dtype, t=t)
 
 
-def max_softmax_score(logits, t=1.0):
-    return _score(_k.SCORE_MAX_SOFTMAX, _ref_scores.max_softmax, logits, t, t=t)
+def max_softmax_score(logits, t=1.0, *, dtype=None):
+    return _score(_k.SCORE_MAX_SOFTMAX, _ref_scores.max_softmax, logits, t, dtype=dtype, t=t)
 
 
-def max_logit_score(logits):
-    return _score(_k.SCORE_MAX_LOGIT, _ref_scores.max_logit, logits)
+def max_logit_score(logits, *, dtype=None):
+    return _score(_k.SCORE_MAX_LOGIT, _ref_scores.max_logit, logits, dtype=dtype)
 
 
-def entropy_score(logits):
-    return _score(_k.SCORE_ENTROPY, _ref_scores.entropy, logits)
+def entropy_score(logits, *, clip=True, dtype=None):
+    which = _k.SCORE_ENTROPY if clip else _k.SCORE_ENTROPY_EXACT
+    return _score(which, _ref_scores.entropy, logits, dtype=dtype, clip=clip)
+
+
+def weighted_energy_score(logits, weights, *, dtype=None):
+    _ref_scores.check_weighted_energy(logits, weights)
+    out = _ref_scores.score_dtype(logits, dtype)
+    if torch.is_grad_enabled() and (logits.requires_grad or weights.requires_grad):
+        return _ref_scores.weighted_energy(logits, weights, dtype=dtype)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = weights.detach().reshape(-1).to(device=logits.device, dtype=acc).contiguous()
+    scores = torch.ops.oodkernels.row_scores(logits, _k.SCORE_WEIGHTED_ENERGY, 1.0, *block_args(), w)
+    return scores.reshape((logits.shape[0], *logits.shape[2:])).to(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-coupled criteria: the kernels give per-row (CE, energy); the coupling is torch arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def ce_and_energy(logits, targets, class_weight=None, uniform_ood=False):
+    """Fused :func:`oodkernels.reference.logits.ce_and_energy`: one read of the logits forward, one backward."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    weight = None
+    if class_weight is not None:
+        weight = class_weight.reshape(-1).to(device=logits.device, dtype=acc).expand(logits.shape[1]).contiguous()
+    values, energy, _ = torch.ops.oodkernels.row_loss_energy_fwd(
+        logits,
+        targets,
+        None,
+        _k.OUTLIER_EXPOSURE if uniform_ood else _k.CROSS_ENTROPY,
+        1.0,
+        0.0,
+        0.0,
+        None,
+        *block_args(),
+        weight,
+    )
+    return values, energy
+
+
+def confidence_loss(logits, confidence, targets, alpha=1.0, eps=1e-24):
+    return _ref_confidence._confidence_loss(logits, confidence, targets, alpha, eps, "targets", ce_and_energy)
+
+
+def objectosphere_loss(logits, features, targets, alpha=1.0, xi=1.0, reduction="mean"):
+    return _ref_objectosphere._objectosphere_loss(
+        logits, features, targets, alpha, xi, reduction, "targets", ce_and_energy
+    )
+
+
+def vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha=0.1, reduction="mean"):
+    return _ref_vos._vos_reg_loss(
+        logits, targets, logistic_regression, weights_energy, alpha, reduction, "targets", ce_and_energy
+    )
+
+
+def paired_outlier_exposure(logits_in, targets_in, logits_out, lambda_oe=0.5):
+    return _ref_paired._outlier_exposure(logits_in, targets_in, logits_out, lambda_oe, ce_and_energy)
+
+
+def paired_energy_margin(logits_in, targets_in, logits_out, lambda_energy=0.1, margin=10.0):
+    return _ref_paired._energy_margin(logits_in, targets_in, logits_out, lambda_energy, margin, ce_and_energy)
 
 
 #: dispatched operation name -> fused implementation
@@ -259,4 +326,11 @@ FUSED = {
     "max_softmax_score": max_softmax_score,
     "max_logit_score": max_logit_score,
     "entropy_score": entropy_score,
+    "weighted_energy_score": weighted_energy_score,
+    "ce_and_energy": ce_and_energy,
+    "confidence_loss": confidence_loss,
+    "objectosphere_loss": objectosphere_loss,
+    "vos_reg_loss": vos_reg_loss,
+    "paired_outlier_exposure": paired_outlier_exposure,
+    "paired_energy_margin": paired_energy_margin,
 }

@@ -31,14 +31,24 @@ from ._common import check_targets
 from ._common import id_mask_with_warning
 from ._common import masked_mean
 from ._common import result_dtypes
-from ._common import row_cross_entropy
 
 __all__ = ["ConfidenceLoss", "confidence_loss"]
 
 
 def _confidence_loss(
-    logits: Tensor, confidence: Tensor, targets: Tensor, alpha: float, eps: float, targets_name: str
+    logits: Tensor,
+    confidence: Tensor,
+    targets: Tensor,
+    alpha: float,
+    eps: float,
+    targets_name: str,
+    row_fn=None,
 ) -> Tensor:
+    """The criterion; ``row_fn`` computes the per-row ``(CE, energy)`` (default: the reference's
+    :func:`~oodkernels.reference.logits.ce_and_energy`; the fused path passes its kernel)."""
+    from .logits import ce_and_energy
+
+    row_fn = ce_and_energy if row_fn is None else row_fn
     check_floating("logits", logits)
     if logits.dim() != 2:
         raise ShapeError(f"logits: expected shape (B, C), got {tuple(logits.shape)}")
@@ -55,10 +65,9 @@ def _confidence_loss(
     checks.check_labels_below(targets, logits.shape[1], name=targets_name)
 
     out, acc = result_dtypes(logits, confidence)
-    f = logits.to(acc)
     c = confidence.reshape(batch).to(acc)
     # p_y = exp(f_y − lse(f)); NaN for labels >= C (checks off), ignored values at OOD rows
-    p_target = torch.exp(-row_cross_entropy(f, targets)[0])
+    p_target = torch.exp(-row_fn(logits, targets)[0].to(acc))
     nll = -torch.log((c * p_target + (1.0 - c)).clamp(eps, 1.0))
     conf = -torch.log(c.clamp(eps, 1.0))
     loss = masked_mean(nll, is_id) + alpha * masked_mean(conf, is_id)
@@ -118,4 +127,7 @@ class ConfidenceLoss(nn.Module):
         :param target: labels (B,); rows with ``y < 0`` are discarded with a warning
         :return: 0-d loss
         """
-        return _confidence_loss(logits, confidence, target, self.alpha, self.eps, "target")
+        return _confidence_loss(logits, confidence, target, self.alpha, self.eps, "target", self._row_fn)
+
+    #: per-row (CE, energy) of the logits; oodkernels.loss swaps in the dispatched (fused) one
+    _row_fn = None

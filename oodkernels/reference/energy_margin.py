@@ -30,7 +30,7 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_targets
 from ._common import result_dtypes
-from ._common import row_cross_entropy
+from .logits import ce_and_energy
 
 __all__ = ["EnergyMarginLoss"]
 
@@ -132,6 +132,9 @@ class EnergyMarginLoss(nn.Module):
         for name in _BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32))
 
+    #: per-row (CE, −lse) of the logits; oodkernels.loss swaps in the dispatched (fused) one
+    _row_fn = None
+
     def _buffer(self, name: str, dtype: torch.dtype) -> Tensor:
         return getattr(self, name).to(dtype)
 
@@ -156,11 +159,11 @@ class EnergyMarginLoss(nn.Module):
         checks.check_labels_below(targets, n_classes)
 
         out, acc = result_dtypes(logits)
-        rows = logits.to(acc)
         eta = self._buffer("eta", acc)
-        zero = torch.zeros((), dtype=acc, device=rows.device)
+        zero = torch.zeros((), dtype=acc, device=logits.device)
 
-        ce_rows, energy = row_cross_entropy(rows, targets)
+        ce_rows, neg_lse = (ce_and_energy if self._row_fn is None else self._row_fn)(logits, targets)
+        ce_rows, energy = ce_rows.to(acc), -neg_lse.to(acc)  # energy here: S = lse
         phi = _call_phi(logistic_regression, torch.where(is_id, energy, energy - eta).unsqueeze(1))
         width = phi.shape[1]
         id_rows = is_id.unsqueeze(1)

@@ -71,8 +71,10 @@ from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import row_uniform_cross_entropy
 from ._common import select_id_rows
+from ._common import weighted_energy_of
 
 __all__ = [
+    "ce_and_energy",
     "RowSetup",
     "prepare_rows",
     "reduce_rows",
@@ -1362,3 +1364,38 @@ class LogitNorm(nn.Module):
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# a per-row building block of the batch-coupled criteria (VOS, EnergyMargin, Objectosphere, Confidence)
+# ----------------------------------------------------------------------------------------------
+
+
+def ce_and_energy(
+    logits: Tensor, targets: Tensor, class_weight: Optional[Tensor] = None, uniform_ood: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Per-entry cross-entropy and energy, ``(R,)`` each in the compute dtype (float64 or float32)::
+
+        ce_i     = lse(f_i) − f_{i, y_i}           ID entries (NaN for y >= C)
+        ce_i     = 0, or U(f_i) with uniform_ood   OOD entries
+        energy_i = −lse(f_i), or with class_weight w the weighted energy −(m + log Σ_c relu(w_c)·e^(f_ic − m))
+
+    Entries are in the order of ``targets.reshape(-1)`` (4-D maps: every pixel, batch-major). Both outputs
+    are differentiable (w.r.t. ``logits`` and ``class_weight``); criteria coupling rows through batch
+    means (EnergyMargin, VOS's logistic head, the paired energy margin) do that arithmetic on them.
+    Metadata is not checked here: the calling criterion checks its inputs.
+
+    :param logits: (B, C) or (B, C, *S)
+    :param targets: (B,) or (B, *S) integer labels, ``< 0`` = OOD
+    :param class_weight: C weights, shape (C,), (1, C) or (1, 1) (broadcast), e.g. ``nn.Linear(C, 1).weight``
+    :param uniform_ood: OOD entries get the uniform cross-entropy U instead of 0 (the entropic term)
+    """
+    _, acc = result_dtypes(logits)
+    rows, labels = as_rows(logits.to(acc), targets)
+    ce, lse = row_cross_entropy(rows, labels)
+    is_id = labels >= 0
+    other = row_uniform_cross_entropy(rows, lse) if uniform_ood else torch.zeros((), dtype=acc, device=rows.device)
+    ce = torch.where(is_id, ce, other)
+    if class_weight is None:
+        return ce, -lse
+    return ce, weighted_energy_of(rows, class_weight.reshape(1, -1))

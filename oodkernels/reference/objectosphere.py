@@ -32,8 +32,6 @@ from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
 from ._common import result_dtypes
-from ._common import row_cross_entropy
-from ._common import row_uniform_cross_entropy
 
 __all__ = ["ObjectosphereLoss", "objectosphere_loss", "objectosphere_score"]
 
@@ -46,7 +44,11 @@ def _objectosphere_loss(
     xi: float,
     reduction: Optional[str],
     targets_name: str,
+    row_fn=None,
 ) -> Tensor:
+    from .logits import ce_and_energy
+
+    row_fn = ce_and_energy if row_fn is None else row_fn
     check_reduction(reduction)
     check_floating("logits", logits)
     if logits.dim() == 4:
@@ -67,12 +69,11 @@ def _objectosphere_loss(
     checks.check_labels_below(targets, logits.shape[1], name=targets_name)
 
     out, acc = result_dtypes(logits, features)
-    f = logits.to(acc)
     z = features.to(acc)
     is_id = targets >= 0
 
-    ce, lse = row_cross_entropy(f, targets)
-    entropic = torch.where(is_id, ce, row_uniform_cross_entropy(f, lse))
+    # the entropic term: CE on ID rows, U on OOD rows
+    entropic = row_fn(logits, targets, None, True)[0].to(acc)
     # vector_norm has gradient 0 at z = 0, so relu(ξ − ‖z‖)² has no NaN there
     norm = torch.linalg.vector_norm(z, ord=2, dim=1)
     magnitude = torch.where(is_id, (xi - norm).relu().pow(2), norm.pow(2))
@@ -153,7 +154,12 @@ class ObjectosphereLoss(nn.Module):
         :param target: labels (B,); ``y < 0`` marks OOD rows
         :return: 0-d loss, or (B,) for ``'none'``/``None``
         """
-        return _objectosphere_loss(logits, features, target, self.alpha, self.xi, self.reduction, "target")
+        return _objectosphere_loss(
+            logits, features, target, self.alpha, self.xi, self.reduction, "target", self._row_fn
+        )
+
+    #: per-row (entropic term, energy) of the logits; oodkernels.loss swaps in the dispatched (fused) one
+    _row_fn = None
 
     @staticmethod
     def score(logits: Tensor) -> Tensor:

@@ -42,7 +42,6 @@ from ._common import Paper
 from ._common import Representation
 from ._common import ShapeError
 from ._common import Task
-from ._common import as_rows
 from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_reduction
@@ -53,7 +52,6 @@ from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import select_id_rows
-from ._common import weighted_energy_of
 
 __all__ = ["VOSRegLoss", "VirtualOutlierSynthesizingRegLoss", "vos_reg_loss"]
 
@@ -111,7 +109,10 @@ def _two_class_ce(logistic_regression, energies: Tensor, labels: Tensor) -> Tens
 # ----------------------------------------------------------------------------------------------
 
 
-def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, reduction, targets_name):
+def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, reduction, targets_name, row_fn=None):
+    from .logits import ce_and_energy
+
+    row_fn = ce_and_energy if row_fn is None else row_fn
     check_reduction(reduction)
     check_logits_and_targets(logits, targets, ranks=(2, 4), targets_name=targets_name)
     n_classes = logits.shape[1]
@@ -121,15 +122,15 @@ def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, r
     checks = DataChecks(logits, targets)
     checks.check_labels_below(targets, n_classes, name=targets_name)
 
-    rows, labels = as_rows(logits.to(acc), targets)  # 4-D: every pixel is an entry, channels-last
+    labels = targets.reshape(-1)  # 4-D: every pixel is an entry, in the order of the flattened targets
     is_id = labels >= 0
 
-    energies = weighted_energy_of(rows, weight)
+    ce, energies = row_fn(logits, targets, weight)
+    ce, energies = ce.to(acc), energies.to(acc)
     reg_ce = _two_class_ce(logistic_regression, energies, is_id.long())
     # pooled mean over all N entries; the empty batch gives an attached 0
     reg = masked_mean(reg_ce, torch.ones_like(is_id))
 
-    ce = torch.where(is_id, row_cross_entropy(rows, labels)[0], torch.zeros((), dtype=acc, device=rows.device))
     if reduction == "mean":
         loss = masked_mean(ce, is_id)
     elif reduction == "sum":
@@ -200,7 +201,17 @@ class VOSRegLoss(nn.Module):
 
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
         """:param logits: (B, C) or (B, C, H, W); :param y: (B,) or (B, H, W), ``< 0`` = OOD."""
-        return _vos_reg_loss(logits, y, self.logistic_regression, self.weights_energy, self.alpha, self.reduction, "y")
+        return _vos_reg_loss(
+            logits, y, self.logistic_regression, self.weights_energy, self.alpha, self.reduction, "y", self._row_fn
+        )
+
+    #: per-row (CE, weighted energy); oodkernels.loss swaps in the dispatched (fused) one
+    _row_fn = None
+
+    def _rows(self, logits, targets, weight):
+        from .logits import ce_and_energy
+
+        return (ce_and_energy if self._row_fn is None else self._row_fn)(logits, targets, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,13 +420,16 @@ class VirtualOutlierSynthesizingRegLoss(VOSRegLoss):
         valid = is_id & (y < n_classes)
         update_queues(self.data_dict, self.fill_counts, features, y, valid, was_full)
 
-        rows = logits.to(acc)
-        zero = torch.zeros((), dtype=acc, device=rows.device)
-        ce = torch.where(is_id, row_cross_entropy(rows, y)[0], zero)
+        zero = torch.zeros((), dtype=acc, device=logits.device)
+        # the weighted energies only enter the regulariser: without a draw they are not computed
+        ce, batch_energies = self._rows(logits, y, weight if draw else None)
+        ce = torch.where(is_id, ce.to(acc), zero)
         if draw:
             virtual = sample_virtual_outliers(self.data_dict, self.eye_matrix, self.sample_from, self.select)
-            virtual_logits = self.fc(virtual.to(_param_dtype(self.fc, virtual.dtype))).to(acc)
-            energies = torch.cat([weighted_energy_of(rows, weight), weighted_energy_of(virtual_logits, weight)])
+            virtual_logits = self.fc(virtual.to(_param_dtype(self.fc, virtual.dtype)))
+            no_label = torch.full((virtual_logits.shape[0],), -1, dtype=y.dtype, device=y.device)
+            virtual_energies = self._rows(virtual_logits, no_label, weight)[1]
+            energies = torch.cat([batch_energies.to(acc), virtual_energies.to(acc)])
             labels = torch.cat([torch.ones_like(y), torch.zeros(virtual.shape[0], dtype=y.dtype, device=y.device)])
             used = torch.cat([is_id, torch.ones(virtual.shape[0], dtype=torch.bool, device=y.device)])
             reg = masked_mean(_two_class_ce(self.logistic_regression, energies, labels), used)
