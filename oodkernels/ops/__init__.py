@@ -82,6 +82,9 @@ def _register_triton_family() -> str:
 
     for name, fn in rows.FUSED.items():
         register_kernel("triton", name, fn)
+        # the same fused functions serve the C++ backend: their custom ops dispatch CPU tensors to the
+        # csrc implementations (ops/row_ops.py), so select_backend reports cpp for CPU tensors in auto
+        register_kernel("cpp", name, fn)
     return ""
 
 
@@ -145,6 +148,17 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
             raise RuntimeError(f"OODKERNELS_BACKEND=cpp but the C++ extension is unavailable: {_cpp.status()}")
         return "reference", f"C++ extension unavailable: {_cpp.status()}"
     return "reference", f"no fused backend for {device.type} tensors"
+
+
+#: the row family's operations share their custom ops, so one of them stands for the family
+ROW_FAMILY_OPERATION = "cross_entropy"
+
+
+def row_ops_backend(device: torch.device) -> str:
+    """Which implementation the row family's custom ops run for tensors on ``device``: 'cpp' (the csrc
+    operators) where :func:`select_backend` picks the C++ backend, else 'triton' (the launchers)."""
+    backend, _ = select_backend(ROW_FAMILY_OPERATION, device)
+    return "cpp" if backend == "cpp" else "triton"
 
 
 def implementation(name: str, device: torch.device) -> Callable:
