@@ -83,6 +83,25 @@ struct View {
     n_rows = (t.dim() ? t.size(0) : 1) * inner;
   }
 
+  // offsets of entries r0 .. r0+count-1: one division, then stepping through w, h and outer
+  inline void offsets(int64_t r0, int64_t count, int64_t* out) const {
+    const int64_t height = inner / width;
+    int64_t outer = r0 / inner;
+    const int64_t i = r0 - outer * inner;
+    int64_t h = i / width;
+    int64_t w = i - h * width;
+    for (int64_t k = 0; k < count; ++k) {
+      out[k] = outer * s_outer + h * s_h + w * s_w;
+      if (++w == width) {
+        w = 0;
+        if (++h == height) {
+          h = 0;
+          ++outer;
+        }
+      }
+    }
+  }
+
   inline int64_t offset(int64_t r) const {
     const int64_t outer = r / inner;
     const int64_t i = r - outer * inner;
@@ -203,6 +222,21 @@ inline acc_t load(const scalar_t* x, int64_t i) {
   return static_cast<acc_t>(x[i]);
 }
 
+// exp of a vector: for fp32 ATen's exp_u20 (a polynomial, ≤ 20 ulp ≈ 2.4e-6 relative, twice as fast as
+// SLEEF's 1-ulp exp, as torch's own CPU softmax uses it), with NaN and +inf passed through as IEEE exp
+// does (exp_u20 clamps them to finite numbers); fp64 keeps the 1-ulp exp (gradcheck-grade)
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const Vec r = x.exp_u20();
+    const Vec special = (x != x) | (x == Vec(std::numeric_limits<float>::infinity()));
+    return Vec::blendv(r, x, special);
+  } else {
+    return x.exp();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // class-contiguous traversal: one row, vectorised over classes
 // ---------------------------------------------------------------------------------------------
@@ -225,21 +259,30 @@ Stats<acc_t> row_stats(const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, 
   constexpr int64_t V = Vec::size();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   Stats<acc_t> s;
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && mult == acc_t(1);
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t len = std::min(chunk, n - c0);
-    // 1. upcast the chunk into L1 and take its max and Σv
+    // 1. the chunk's max, Σv and NaN flag; v is cached in `buf` (L1) unless it is the fp32/fp64 input itself
+    const acc_t* vals = buf;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (in_place) vals = x + c0;
+    }
     Vec vmax(neg_inf), vsum(acc_t(0)), vnan(acc_t(0));
     const Vec vmult(mult);
     int64_t c = 0;
     for (; c + V <= len; c += V) {
       Vec v;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        v = Vec::loadu(x + c0 + c) * vmult;
+        v = Vec::loadu(x + c0 + c);
+        if (!in_place) {
+          v = v * vmult;
+          v.store(buf + c);
+        }
       } else {
         for (int64_t k = 0; k < V; ++k) buf[c + k] = load<scalar_t, acc_t>(x, c0 + c + k);
         v = Vec::loadu(buf + c) * vmult;
+        v.store(buf + c);
       }
-      v.store(buf + c);
       vmax = at::vec::maximum(vmax, v);
       vsum = vsum + v;
       vnan = vnan | (v != v);
@@ -262,21 +305,24 @@ Stats<acc_t> row_stats(const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, 
     for (int64_t k = 0; k < V; ++k) nan = nan || lanes[k] != 0;
     s.has_nan = s.has_nan || nan;
     s.sum_v += csum;
+    const int64_t n_vec = len - len % V;  // [0, n_vec) in `vals`, the tail in `buf`
+    auto value = [&](int64_t i) { return i < n_vec ? vals[i] : buf[i]; };
     // 2. first index of the chunk's max; strictly greater than the running max to move j* (first wins)
     if (cmax > s.m) {
+      const Vec vcmax(cmax);
       int64_t arg = 0;
-      while (arg < len && !(buf[arg] == cmax)) ++arg;
+      while (arg + V <= n_vec && (Vec::loadu(vals + arg) == vcmax).zero_mask() == (1 << V) - 1) arg += V;
+      while (arg < len && !(value(arg) == cmax)) ++arg;
       s.j_star = c0 + std::min(arg, len - 1);
     }
-    // 3. Σ exp(v − shift) from the cached chunk, merged into the running sum
+    // 3. Σ exp(v − shift) over the cached chunk, merged into the running sum
     const acc_t shift = s.shift_for(cmax);
     const Vec vshift(shift);
-    Vec vexp(acc_t(0));
-    c = 0;
-    for (; c + V <= len; c += V) vexp = vexp + (Vec::loadu(buf + c) - vshift).exp();
+    Vec vexp_sum(acc_t(0));
+    for (c = 0; c < n_vec; c += V) vexp_sum = vexp_sum + vexp<acc_t>(Vec::loadu(vals + c) - vshift);
     acc_t cexp = 0;
-    for (; c < len; ++c) cexp += std::exp(buf[c] - shift);
-    vexp.store(lanes);
+    for (c = n_vec; c < len; ++c) cexp += std::exp(buf[c] - shift);
+    vexp_sum.store(lanes);
     for (int64_t k = 0; k < V; ++k) cexp += lanes[k];
     s.d = s.d * std::exp(s.m - shift) + cexp;
     s.m = std::max(s.m, cmax);
@@ -293,18 +339,23 @@ constexpr int64_t tile_size() {
   return 4 * at::vec::Vectorized<acc_t>::size();
 }
 
-// x[base[k] + c·s_class] for the tile's entries, upcast; a contiguous run loads as a contiguous block
+// x[base[k] + c·s_class] for the tile's entries, in ACC: a full contiguous run of ACC values is used in
+// place, anything else is upcast/gathered into `buf` (padding lanes: finite, results discarded)
 template <typename scalar_t, typename acc_t>
-inline void gather_class(
-    const scalar_t* X, const int64_t* base, bool contiguous, int64_t count, int64_t c, int64_t s_class, acc_t* out) {
+inline const acc_t* tile_class(
+    const scalar_t* X, const int64_t* base, bool contiguous, int64_t count, int64_t c, int64_t s_class, acc_t* buf) {
   constexpr int64_t T = tile_size<acc_t>();
   if (contiguous) {
     const scalar_t* src = X + base[0] + c * s_class;
-    for (int64_t k = 0; k < count; ++k) out[k] = load<scalar_t, acc_t>(src, k);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (count == T) return src;
+    }
+    for (int64_t k = 0; k < count; ++k) buf[k] = load<scalar_t, acc_t>(src, k);
   } else {
-    for (int64_t k = 0; k < count; ++k) out[k] = load<scalar_t, acc_t>(X, base[k] + c * s_class);
+    for (int64_t k = 0; k < count; ++k) buf[k] = load<scalar_t, acc_t>(X, base[k] + c * s_class);
   }
-  for (int64_t k = count; k < T; ++k) out[k] = 0;  // padding lanes: finite, results discarded
+  for (int64_t k = count; k < T; ++k) buf[k] = 0;
+  return buf;
 }
 
 // online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes)
@@ -329,10 +380,10 @@ void tile_stats(
     d[j] = sum_v[j] = arg[j] = nan[j] = Vec(acc_t(0));
     vmult[j] = Vec::loadu(mult + j * V);
   }
-  alignas(64) acc_t x[T];
+  alignas(64) acc_t buf[T];
   const Vec zero(acc_t(0)), vneg_inf(neg_inf);
   for (int64_t c = 0; c < n_classes; ++c) {
-    gather_class<scalar_t, acc_t>(X, base, contiguous, count, c, s_class, x);
+    const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, s_class, buf);
     const Vec col(static_cast<acc_t>(c));
     for (int64_t j = 0; j < NV; ++j) {
       const Vec v = Vec::loadu(x + j * V) * vmult[j];
@@ -344,7 +395,7 @@ void tile_stats(
       arg[j] = Vec::blendv(arg[j], col, greater);
       // an all -inf prefix keeps m = -inf: shift by 0 there so that no inf − inf appears
       const Vec shift = Vec::blendv(m_new, zero, m_new == vneg_inf);
-      d[j] = d[j] * (m[j] - shift).exp() + (Vec::blendv(v, vneg_inf, is_nan) - shift).exp();
+      d[j] = d[j] * vexp<acc_t>(m[j] - shift) + vexp<acc_t>(Vec::blendv(v, vneg_inf, is_nan) - shift);
       sum_v[j] = sum_v[j] + v;
       m[j] = m_new;
     }
@@ -406,9 +457,10 @@ struct RowKernel {
   }
 
   // finish entry r: row value and statistics
-  void finish(int64_t r, int64_t base, Stats<acc_t> s, acc_t mult, acc_t norm_r, acc_t* loss, acc_t* stats) const {
+  void finish(int64_t r, int64_t target, int64_t base, Stats<acc_t> s, acc_t mult, acc_t norm_r, acc_t* loss,
+              acc_t* stats) const {
     const int64_t R = xv.n_rows;
-    const Label l = classify(y.at(r), p);
+    const Label l = classify(target, p);
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     if (s.has_nan) s.m = nan;
     const acc_t log_d = std::log(s.d);
@@ -436,7 +488,8 @@ struct RowKernel {
           const int64_t base = xv.offset(r);
           const acc_t norm_r = p.kind == LOGIT_NORM ? norm(base) : acc_t(0);
           const acc_t mult = mult_of(norm_r);
-          finish(r, base, row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data()), mult, norm_r, loss, stats);
+          const Stats<acc_t> s = row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data());
+          finish(r, y.at(r), base, s, mult, norm_r, loss, stats);
         }
       });
       return;
@@ -444,21 +497,24 @@ struct RowKernel {
     constexpr int64_t T = tile_size<acc_t>();
     const int64_t n_tiles = (R + T - 1) / T;
     at::parallel_for(0, n_tiles, std::max<int64_t>(1, 4096 / (T * std::max<int64_t>(C, 1))), [&](int64_t tb, int64_t te) {
-      int64_t base[T];
+      int64_t base[T], ybase[T];
       acc_t mult[T], norms[T];
       Stats<acc_t> s[T];
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = t * T, count = std::min(T, R - r0);
         bool contiguous = true;
+        xv.offsets(r0, count, base);
+        y.view.offsets(r0, count, ybase);
         for (int64_t k = 0; k < count; ++k) {
-          base[k] = xv.offset(r0 + k);
           contiguous = contiguous && base[k] == base[0] + k;
           norms[k] = p.kind == LOGIT_NORM ? norm(base[k]) : acc_t(0);
           mult[k] = mult_of(norms[k]);
         }
         for (int64_t k = count; k < T; ++k) mult[k] = 1;
         tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, s);
-        for (int64_t k = 0; k < count; ++k) finish(r0 + k, base[k], s[k], mult[k], norms[k], loss, stats);
+        for (int64_t k = 0; k < count; ++k) {
+          finish(r0 + k, y.data[ybase[k]], base[k], s[k], mult[k], norms[k], loss, stats);
+        }
       }
     });
   }
@@ -472,9 +528,9 @@ struct RowKernel {
     int64_t y, j_star;
   };
 
-  Grad grad_coefficients(int64_t r, const acc_t* stats, const acc_t* G, int64_t s_g) const {
+  Grad grad_coefficients(int64_t r, int64_t target, const acc_t* stats, const acc_t* G, int64_t s_g) const {
     const int64_t R = xv.n_rows;
-    const Label l = classify(y.at(r), p);
+    const Label l = classify(target, p);
     const acc_t m = stats[r], log_d = stats[R + r];
     const int64_t j_star = static_cast<int64_t>(stats[2 * R + r]);
     const acc_t omega = cost_weight(l, j_star, p);
@@ -512,7 +568,7 @@ struct RowKernel {
       at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(chunk);
         for (int64_t r = begin; r < end; ++r) {
-          const Grad g = grad_coefficients(r, stats, G, s_g);
+          const Grad g = grad_coefficients(r, y.at(r), stats, G, s_g);
           const scalar_t* x = X + xv.offset(r);
           scalar_t* out = D + dv.offset(r);
           const Vec va(g.a), vc(g.c), vmult(g.mult), vlse(g.lse), vdelta(g.delta);
@@ -527,7 +583,7 @@ struct RowKernel {
                 for (int64_t k = 0; k < V; ++k) buf[c + k] = load<scalar_t, acc_t>(x, c0 + c + k);
                 xv_ = Vec::loadu(buf.data() + c);
               }
-              Vec gv = va * (xv_ * vmult - vlse).exp() + vc;
+              Vec gv = va * vexp<acc_t>(xv_ * vmult - vlse) + vc;
               // only LogitNorm has the δ·x term (elsewhere 0·x would turn -inf logits into NaN)
               if (logit_norm) gv = gv + vdelta * xv_;
               gv.store(buf.data() + c);
@@ -551,19 +607,20 @@ struct RowKernel {
     constexpr int64_t NV = T / V;
     const int64_t n_tiles = (R + T - 1) / T;
     at::parallel_for(0, n_tiles, std::max<int64_t>(1, 4096 / (T * std::max<int64_t>(C, 1))), [&](int64_t tb, int64_t te) {
-      int64_t base[T], dbase[T];
-      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], x[T], out[T];
+      int64_t base[T], dbase[T], ybase[T];
+      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], buf[T], out[T];
       Grad g[T];
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = t * T, count = std::min(T, R - r0);
         bool contiguous = true, dcontiguous = true;
+        xv.offsets(r0, count, base);
+        dv.offsets(r0, count, dbase);
+        y.view.offsets(r0, count, ybase);
         for (int64_t k = 0; k < T; ++k) {
           if (k < count) {
-            base[k] = xv.offset(r0 + k);
-            dbase[k] = dv.offset(r0 + k);
             contiguous = contiguous && base[k] == base[0] + k;
             dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
-            g[k] = grad_coefficients(r0 + k, stats, G, s_g);
+            g[k] = grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g);
           } else {
             g[k] = Grad{0, 0, 0, 0, 0, 1, 0, -1, -1};
           }
@@ -574,23 +631,41 @@ struct RowKernel {
           delta[k] = g[k].delta;
         }
         for (int64_t c = 0; c < C; ++c) {
-          gather_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, x);
+          const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
+          // a full contiguous fp32/fp64 run is written in place (one-hot terms added there, still in ACC)
+          bool direct = false;
+          acc_t* o = out;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (dcontiguous && count == T) {
+              o = D + dbase[0] + c * dv.s_class;
+              direct = true;
+            }
+          }
           for (int64_t j = 0; j < NV; ++j) {
             const Vec xs = Vec::loadu(x + j * V);
-            Vec gv = Vec::loadu(a + j * V) * (xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)).exp() +
+            Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)) +
                 Vec::loadu(cc + j * V);
             if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
-            gv.store(out + j * V);
+            gv.store(o + j * V);
           }
+          if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
           for (int64_t k = 0; k < count; ++k) {
-            if (g[k].y == c) out[k] += g[k].b;
-            if (g[k].j_star == c) out[k] += g[k].h;
+            if (g[k].y == c) o[k] += g[k].b;
+            if (g[k].j_star == c) o[k] += g[k].h;
           }
           if (dcontiguous) {
             scalar_t* dst = D + dbase[0] + c * dv.s_class;
             for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<scalar_t>(out[k]);
           } else {
             for (int64_t k = 0; k < count; ++k) D[dbase[k] + c * dv.s_class] = static_cast<scalar_t>(out[k]);
+          }
+        }
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (dcontiguous && count == T) {
+            for (int64_t k = 0; k < count; ++k) {
+              if (g[k].y >= 0) D[dbase[k] + g[k].y * dv.s_class] += g[k].b;
+              if (g[k].j_star >= 0) D[dbase[k] + g[k].j_star * dv.s_class] += g[k].h;
+            }
           }
         }
       }
@@ -789,10 +864,8 @@ Tensor cpu_row_scores(const Tensor& logits, int64_t which, double t, int64_t blo
         for (int64_t tile = tb; tile < te; ++tile) {
           const int64_t r0 = tile * T, count = std::min(T, R - r0);
           bool contiguous = true;
-          for (int64_t k = 0; k < count; ++k) {
-            base[k] = xv.offset(r0 + k);
-            contiguous = contiguous && base[k] == base[0] + k;
-          }
+          xv.offsets(r0, count, base);
+          for (int64_t k = 0; k < count; ++k) contiguous = contiguous && base[k] == base[0] + k;
           tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mults, s);
           for (int64_t k = 0; k < count; ++k) O[r0 + k] = score(base[k], s[k]);
         }

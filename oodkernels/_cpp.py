@@ -32,7 +32,7 @@ _SOURCES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 _state: dict = {"tried": False, "loaded": False, "reason": "not requested yet"}
 
 #: the JIT module name; bump the suffix when the flags change so that stale caches are not reused
-JIT_NAME = "oodkernels_cpu_v1"
+JIT_NAME = "oodkernels_cpu_v2"
 
 
 def _cpu_capability() -> str:
@@ -48,7 +48,8 @@ def compile_flags(capability: str | None = None) -> list[str]:
     """C++ flags of the extension (JIT and ahead of time alike) for a CPU of ``capability``
     (``torch.backends.cpu.get_cpu_capability()``: DEFAULT, AVX2, AVX512, ...)."""
     capability = _cpu_capability() if capability is None else capability
-    flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline and runs serially unless the extension itself is built with OpenMP
+    flags = ["-O3", "-fopenmp"]
     if capability in ("AVX2", "AVX512"):
         # AVX2 even on AVX512 machines: same vector width as torch's own AVX2 kernels, no frequency
         # penalty, and SLEEF's 8-lane exp is exported by libtorch_cpu for it
@@ -97,6 +98,7 @@ def _load() -> None:
             name=JIT_NAME,
             sources=srcs,
             extra_cflags=compile_flags(),
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
