@@ -22,7 +22,7 @@ the machine it runs on; an ahead-of-time build targets the machine that built it
 from __future__ import annotations
 
 import glob
-import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -57,6 +57,11 @@ def compile_flags(capability: str | None = None) -> list[str]:
     return flags
 
 
+def link_flags() -> list[str]:
+    """Linker flags of the extension: OpenMP, for at::parallel_for."""
+    return ["-fopenmp"]
+
+
 def required() -> bool:
     """``OODKERNELS_REQUIRE_CPP=1``: an extension that cannot be built or loaded is an error (CI)."""
     return os.environ.get("OODKERNELS_REQUIRE_CPP", "0") == "1"
@@ -65,6 +70,15 @@ def required() -> bool:
 def sources() -> list[str]:
     """The C++ sources of the extension (empty when the package was installed without ``csrc/``)."""
     return sorted(glob.glob(os.path.join(_SOURCES_DIR, "*.cpp")))
+
+
+def _aot_library() -> str | None:
+    """The path of the ahead-of-time build ``oodkernels._C`` (setup.py with OODKERNELS_BUILD_EXT=1), if any."""
+    try:
+        spec = importlib.util.find_spec("oodkernels._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin else None
 
 
 def _cached(cpp_extension) -> bool:
@@ -78,11 +92,12 @@ def _cached(cpp_extension) -> bool:
 
 def _load() -> None:
     _state["tried"] = True
-    try:
-        importlib.import_module("oodkernels._C")
-    except ImportError:
-        pass
-    else:
+    aot = _aot_library()
+    if aot is not None:
+        import torch
+
+        # a shared library of operators (no Python module init): loaded as such, not imported
+        torch.ops.load_library(aot)
         _state.update(loaded=True, reason="ahead-of-time build oodkernels._C")
         return
     srcs = sources()
@@ -98,7 +113,7 @@ def _load() -> None:
             name=JIT_NAME,
             sources=srcs,
             extra_cflags=compile_flags(),
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=link_flags(),
             is_python_module=False,
             verbose=False,
         )

@@ -447,7 +447,7 @@ def test_required_turns_a_failed_build_into_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(_cpp, "_SOURCES_DIR", str(tmp_path))
     monkeypatch.setattr(_cpp, "JIT_NAME", "oodkernels_cpu_test_broken")
     monkeypatch.setattr(_cpp, "_state", {"tried": False, "loaded": False, "reason": "not requested yet"})
-    monkeypatch.setattr(_cpp.importlib, "import_module", _no_aot)
+    monkeypatch.setattr(_cpp, "_aot_library", lambda: None)
     monkeypatch.setenv("OODKERNELS_REQUIRE_CPP", "1")
     with pytest.raises(RuntimeError, match="OODKERNELS_REQUIRE_CPP=1 but the C\\+\\+ CPU extension could not be built"):
         _cpp.available()
@@ -456,7 +456,3 @@ def test_required_turns_a_failed_build_into_an_error(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="the C\\+\\+ CPU extension could not be built: "):
         assert _cpp.available() is False
     assert "JIT build failed" in _cpp.status()
-
-
-def _no_aot(name):
-    raise ImportError(name)
