@@ -5,6 +5,7 @@ Nothing is compiled at install time unless ``OODKERNELS_BUILD_EXT=1`` is set (th
 ``csrc/`` is built on first use and cached (see ``oodkernels/_cpp.py``).
 """
 
+import importlib.util
 import os
 
 from setuptools import find_packages
@@ -37,7 +38,13 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         raise RuntimeError("OODKERNELS_BUILD_EXT=1 but csrc/ holds no C++ sources yet")
-    ext = CppExtension("oodkernels._C", sources, extra_compile_args=["-O3"])
+    # the JIT build's flags (oodkernels/_cpp.py), loaded by path: importing the package needs torch and more
+    spec = importlib.util.spec_from_file_location("_oodkernels_cpp", os.path.join(HERE, "oodkernels", "_cpp.py"))
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
+    ext = CppExtension(
+        "oodkernels._C", sources, extra_compile_args=flags.compile_flags(), extra_link_args=flags.link_flags()
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -74,7 +74,8 @@ COLUMNS = [
     "speedup_vs_pytorch_ood",
 ]
 
-PROVIDERS = ("oodkernels", "reference", "reference-compiled", "pytorch-ood")
+#: ``oodkernels`` runs the auto backend; ``oodkernels-cpp`` forces the C++ CPU backend (CPU only)
+PROVIDERS = ("oodkernels", "oodkernels-cpp", "reference", "reference-compiled", "pytorch-ood")
 MODES = ("fwd", "bwd", "full", "no-grad")
 SCORE_MODES = ("fwd", "no-grad")
 SPEEDUP_COLUMNS = {
@@ -294,6 +295,24 @@ def build_provider(name: str, case, pytorch_ood):
             return lambda x, y: module(x, y)
         score = getattr(oodkernels.scores, case.criterion)
         return _score_call(score, case)
+    if name == "oodkernels-cpp":
+        if not oodkernels._cpp.available():
+            raise Unavailable(f"C++ extension unavailable: {oodkernels._cpp.status()}")
+        inner = build_provider("oodkernels", case, pytorch_ood)
+
+        def forced(*inputs):
+            # the forward picks the backend; its backward follows the saved op, which dispatches alike
+            saved = os.environ.get("OODKERNELS_BACKEND")
+            os.environ["OODKERNELS_BACKEND"] = "cpp"
+            try:
+                return inner(*inputs)
+            finally:
+                if saved is None:
+                    os.environ.pop("OODKERNELS_BACKEND", None)
+                else:
+                    os.environ["OODKERNELS_BACKEND"] = saved
+
+        return forced
     if name == "reference":
         return build_reference(case)
     if name == "reference-compiled":
@@ -328,6 +347,8 @@ def backend_of(provider: str, case, device, info) -> str:
     import oodkernels
     from bench.cases import OP_NAMES
 
+    if provider == "oodkernels-cpp":
+        return "cpp"
     if provider == "reference":
         return "eager"
     if provider == "reference-compiled":
@@ -636,6 +657,24 @@ def run_case(case, args, device, env, pytorch_ood, info) -> tuple[list, list]:
     return rows, lines
 
 
+def geomean_lines(rows) -> list:
+    """Geometric means over the cases of each oodkernels provider's speed-ups (time rows), per mode: the form
+    of SPEC §5's targets (e.g. CPU: full >= 3x pytorch-ood eager and >= 1.2x the compiled reference)."""
+    groups = {}
+    for row in rows:
+        if row["metric"] != "time" or not row["provider"].startswith("oodkernels"):
+            continue
+        for column in SPEEDUP_COLUMNS.values():
+            value = row[column]
+            if isinstance(value, float) and value > 0 and math.isfinite(value):
+                groups.setdefault((row["provider"], row["mode"], column), []).append(value)
+    lines = ["\ngeometric mean of speed-ups over the cases (provider, mode: vs <baseline> [cases])"] if groups else []
+    for (provider, mode, column), values in sorted(groups.items()):
+        mean = math.exp(sum(math.log(v) for v in values) / len(values))
+        lines.append(f"  {provider:<15} {mode:<8} {column.replace('speedup_', ''):<28} {mean:6.2f}x  [{len(values)}]")
+    return lines
+
+
 def fmt(value, spec="{:.3g}") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -852,14 +891,17 @@ def main(argv=None) -> int:
     )
 
     start = time.perf_counter()
+    all_rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pytorch-ood's per-call OOD warnings
         for i, case in enumerate(selected, 1):
             case_start = time.perf_counter()
             rows, lines = run_case(case, args, device, env, pytorch_ood, info)
             append_rows(out, rows)
+            all_rows += rows
             lines[0] += f"  ({i}/{len(selected)}, {time.perf_counter() - case_start:.1f} s)"
             print("\n".join(lines), flush=True)
+    print("\n".join(geomean_lines(all_rows)))
     print(f"\ndone: {len(selected)} case(s) in {time.perf_counter() - start:.1f} s -> {out}")
     if args.plot:
         from bench import report
