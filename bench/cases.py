@@ -19,6 +19,9 @@ Groups
                   plus the CPU shapes.
     ``scores5``   issue #5: weighted_energy and the exact entropy (``entropy_exact``, ``clip=False``) at
                   (8, 19, 512, 1024) bf16 and fp32, plus (2, 19, 128, 256) fp32 (quick).
+    ``vos``       issue #5: one training step of VirtualOutlierSynthesizingRegLoss with full queues (C = 100,
+                  D = 128, sample_number = 1000, sample_from = 10000), so every step synthesises outliers:
+                  queue update, class means, pooled covariance, Cholesky, sampling and the energy terms.
 
 ``quick`` marks a CPU-friendly subset (small shapes) that ``run.py --quick`` runs in a few minutes on two
 cores.
@@ -80,6 +83,7 @@ OP_NAMES = {
     "max_logit": "max_logit_score",
     "entropy": "entropy_score",
     "weighted_energy": "weighted_energy_score",
+    "VirtualOutlierSynthesizingRegLoss": "ce_and_energy",
 }
 
 #: fp32 statistics per row that a fused forward saves for backward (KERNEL_GUIDE §2.5, ``k`` in §1.5)
@@ -126,7 +130,7 @@ class Case:
     """One benchmark case. ``shape`` is the logits' shape with the classes on dim 1."""
 
     name: str
-    family: str  # "rows", "scores" (later "centers")
+    family: str  # "rows", "scores", "centers" or "vos"
     criterion: str  # class name in oodkernels.loss, or score name in oodkernels.scores
     shape: tuple
     dtype: str = "fp32"  # one of DTYPES
@@ -180,6 +184,12 @@ class Case:
             return {"fwd": fwd, "no-grad": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
         if self.family == "scores":
             return r * c * s + 4 * r
+        if self.family == "vos":
+            # the queues (C, S, D) fp32 are read for the class means and again for the pooled covariance; the
+            # sampled outliers (C, T, D) are written and read once by the log-density (T = sample_from)
+            queues = c * int(self.hparams["sample_number"]) * int(self.hparams["n_dim"]) * 4
+            draws = c * int(self.hparams.get("sample_from", 10000)) * int(self.hparams["n_dim"]) * 4
+            return 2 * queues + 2 * draws + 3 * r * c * s
         k = self.stats_per_row
         per_row_fwd = target_itemsize + weight_itemsize + 4 * k + (4 if self.reduction in ("none", None) else 0)
         s_go = s if self.reduction in ("none", None) else 0
@@ -199,7 +209,7 @@ class Case:
 
         target = (
             getattr(oodkernels.loss, self.criterion)
-            if self.family in ("rows", "centers")
+            if self.family in ("rows", "centers", "vos")
             else getattr(oodkernels.scores, self.criterion)
         )
         try:
@@ -208,7 +218,10 @@ class Case:
             return dict(self.hparams)
         out = {}
         for name, p in sig.parameters.items():
+            # tensors and the modules a VOS criterion is built from are inputs, not hyper-parameters
             if name in ("self", "reduction", "logits", "targets", "target", "input"):
+                continue
+            if name in ("logistic_regression", "weights_energy", "fc"):
                 continue
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
@@ -216,6 +229,8 @@ class Case:
                 out[name] = self.hparams[name]
             elif p.default is not p.empty:
                 out[name] = p.default
+        for name, value in self.hparams.items():  # case parameters outside the signature (VOS: n_dim)
+            out.setdefault(name, value)
         return out
 
     def config(self) -> dict:
@@ -239,13 +254,15 @@ class Case:
 
 CASES: dict[str, Case] = {}
 
+FAMILIES = ("rows", "scores", "centers", "vos")
+
 
 def register(case: Case, replace: bool = False) -> Case:
     """Add ``case`` to the registry (an error if the name is taken, unless ``replace``)."""
     if case.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {case.dtype!r}")
-    if case.family not in ("rows", "scores", "centers"):
-        raise ValueError(f"family: expected rows, scores or centers, got {case.family!r}")
+    if case.family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {case.family!r}")
     if case.name in CASES and not replace:
         raise ValueError(f"case {case.name!r} is already registered")
     CASES[case.name] = case
@@ -376,6 +393,24 @@ def center_case(group, criterion, batch, n_centers, n_dim, dtype, quick=False) -
     )
 
 
+def vos_case(batch, n_classes, n_dim, sample_number, dtype="fp32", quick=False) -> Case:
+    """One VOS-synthesis training step: logits (B, C), features (B, D), queues already full."""
+    return Case(
+        name=f"vos/VirtualOutlierSynthesizingRegLoss/{batch}xC{n_classes}xD{n_dim}xS{sample_number}/{dtype}",
+        family="vos",
+        criterion="VirtualOutlierSynthesizingRegLoss",
+        shape=(batch, n_classes),
+        dtype=dtype,
+        hparams={"n_dim": n_dim, "sample_number": sample_number},
+        labels="all-id",
+        quick=quick,
+        group="vos",
+        x_name="rows",
+        x_value=float(batch),
+        note="reference: vectorised queue update, one Cholesky per step; pytorch-ood: per-sample and per-class loops",
+    )
+
+
 def _build() -> None:
     # issue #3: the row criteria at the large and small shapes
     issue3 = [
@@ -442,6 +477,9 @@ def _build() -> None:
             (4096, 100, 128, "fp32", True),
         ):
             register(center_case("centers", criterion, batch, n_centers, n_dim, dtype, quick=quick))
+
+    # issue #5: VOS synthesis at C = 100, D = 128, sample_number = 1000 (a CIFAR-100 batch of 128)
+    register(vos_case(128, 100, 128, 1000))
 
 
 _build()

@@ -244,9 +244,45 @@ def center_criterion(namespace, case):
     return fn
 
 
+def vos_criterion(namespace, case, pytorch_ood_queues: bool = False):
+    """``fn(logits, targets)`` of one VirtualOutlierSynthesizingRegLoss step with every queue already full.
+
+    The layers (fc (D -> C), logistic regression (1 -> 2), energy weights (C -> 1)), the queue contents and
+    the features (B, D) come from seed 0, so every provider starts from the same state; each step then
+    updates the queues and synthesises outliers (the providers' RNG draws differ, so no max |Δ| is kept).
+    ``pytorch_ood_queues``: fill counts live in pytorch-ood's ``number_dict``, not in ``fill_counts``.
+    """
+    import torch
+
+    n_classes, n_dim, sample_number = case.classes, int(case.hparams["n_dim"]), int(case.hparams["sample_number"])
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(n_dim, n_classes)
+    module = namespace.VirtualOutlierSynthesizingRegLoss(
+        torch.nn.Linear(1, 2), torch.nn.Linear(n_classes, 1), fc, sample_number=sample_number
+    )
+    with torch.no_grad():
+        module.data_dict.copy_(torch.randn(n_classes, sample_number, n_dim))
+    if pytorch_ood_queues:
+        module.number_dict = {c: sample_number for c in range(n_classes)}
+    else:
+        module.fill_counts.fill_(sample_number)
+    features = torch.randn(case.shape[0], n_dim)
+
+    def fn(x, y):
+        nonlocal features
+        if features.device != x.device:
+            module.to(x.device)
+            features = features.to(x.device)
+        return module(x, features.to(x.dtype), y)
+
+    return fn
+
+
 def build_reference(case):
     import oodkernels
 
+    if case.family == "vos":
+        return vos_criterion(oodkernels.reference, case)
     if case.family == "centers":
         return center_criterion(oodkernels.reference, case)
     if case.family == "rows":
@@ -278,6 +314,17 @@ def build_provider(name: str, case, pytorch_ood):
 
     import oodkernels
 
+    if case.family == "vos":
+        if name == "oodkernels":
+            return vos_criterion(oodkernels.loss, case)
+        if name == "reference":
+            return build_reference(case)
+        if name == "pytorch-ood":
+            if pytorch_ood is None:
+                raise Unavailable("pytorch-ood 0.4.0 is not importable")
+            return vos_criterion(pytorch_ood.loss, case, pytorch_ood_queues=True)
+        if name == "reference-compiled":
+            raise Unavailable("a stateful step with RNG draws and queue updates is not a compiled-graph case")
     if case.family == "centers":
         if name == "oodkernels":
             return center_criterion(oodkernels.loss, case)
@@ -494,6 +541,8 @@ def fp64_truth(case, logits, targets):
     """(value, grad) of the reference in float64 (grad None for scores)."""
     import torch
 
+    if case.family == "vos":
+        return None, None  # stateful and random: each provider draws its own outliers
     ref = build_reference(case)
     x = logits.detach().to(torch.float64)
     if case.family == "scores":
@@ -520,6 +569,8 @@ def provider_errors(fn, case, logits, targets, truth) -> dict:
     import torch
 
     value64, grad64 = truth
+    if case.family == "vos":
+        return {}
     if case.family == "scores":
         err = max_abs(fn(logits), value64)
         return {"fwd": err, "no-grad": err}
@@ -758,7 +809,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the CPU-friendly quick subset")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--filter", default=None, metavar="REGEX", help="regex searched in the case names")
-    parser.add_argument("--family", choices=("rows", "scores", "centers"), default=None)
+    parser.add_argument("--family", choices=("rows", "scores", "centers", "vos"), default=None)
     parser.add_argument(
         "--providers", type=csv_list(PROVIDERS), default=list(PROVIDERS), help=f"default: {','.join(PROVIDERS)}"
     )

@@ -54,6 +54,11 @@ def test_registry_has_the_issue_cases():
             case = cases.get(f"scores5/{name}/8x19x512x1024/{dtype}")
             assert case.family == "scores" and case.shape == (8, 19, 512, 1024)
     assert cases.get("scores5/entropy_exact/8x19x512x1024/bf16").hparams == {"clip": False}
+    # issue #5: one VOS-synthesis step at C = 100, D = 128, sample_number = 1000 (queues full)
+    (vos,) = cases.select(family="vos")
+    assert vos.shape == (128, 100) and vos.hparams == {"n_dim": 128, "sample_number": 1000}
+    assert vos.resolved_hparams()["sample_from"] == 10000 and vos.resolved_hparams()["n_dim"] == 128
+    assert vos.bytes_model("full") > 2 * 100 * 1000 * 128 * 4
     # issue #4: the center family, every criterion at (65536, 512) x 1000 fp32/bf16 and (4096, 128) x 100
     centers = cases.select(family="centers")
     assert {c.criterion for c in centers} == set(cases.CENTER_CRITERIA)
@@ -137,3 +142,34 @@ def test_cli_smoke_on_cpu(tmp_path):
     assert float(reference["speedup_vs_reference"]) == pytest.approx(1.0)
     assert {r["metric"] for r in rows if r["case"] != "_device/copy"} >= {"time", "bandwidth", "peak_memory"}
     assert all(r["p50"] == "" for r in rows if r["metric"] == "peak_memory")  # NaN on CPU
+
+
+def test_vos_step_providers_run_from_full_queues():
+    """The VOS-synthesis case's providers start from full queues, so one step already synthesises outliers."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import cases
+        from bench import run
+    finally:
+        sys.path.remove(str(REPO))
+    case = cases.vos_case(8, 3, 4, 5)
+    logits, targets = run.make_inputs(case, torch.device("cpu"))
+    assert bool((targets >= 0).all())  # all-ID labels: every row enters the queues and the regulariser
+    values = {}
+    for provider in ("reference", "oodkernels"):
+        fn = run.build_provider(provider, case, None)
+        x = logits.detach().requires_grad_(True)
+        torch.manual_seed(1)
+        loss = fn(x, targets)
+        loss.backward()
+        assert loss.dim() == 0 and torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        values[provider] = float(loss)
+        # full queues: the step adds alpha * reg (the energy regulariser over the synthesised outliers) to the CE
+        ce = torch.nn.functional.cross_entropy(logits, targets)
+        assert abs(float(loss) - float(ce)) > 1e-4
+    # the same seed-0 state and the same draws: the two providers compute the same step
+    assert abs(values["reference"] - values["oodkernels"]) < 1e-5
+    with pytest.raises(run.Unavailable):
+        run.build_provider("reference-compiled", case, None)
