@@ -158,7 +158,9 @@ inline Coefficients<acc_t> coefficients(
     const Params<acc_t>& p, const Label& l, acc_t omega, acc_t m, acc_t log_d, acc_t v_y, acc_t sum_v) {
   const acc_t lse = m + log_d;
   const acc_t ce = (m - v_y) + log_d;
-  const acc_t pi = std::exp(-log_d);
+  // π = 1/d only for the confidence kinds (an exp per entry the others do not pay)
+  const bool needs_pi = p.kind == CONFIDENCE_PENALTY || p.kind == MARGIN_CONFIDENCE;
+  const acc_t pi = needs_pi ? std::exp(-log_d) : acc_t(0);
   const acc_t zero = 0;
   acc_t loss_id = omega * ce, a_id = omega;
   acc_t loss_ood = zero, a_ood = zero, c_ood = zero, h_ood = zero;
@@ -373,9 +375,11 @@ Stats<acc_t> row_stats(
 // entry-tile traversal: TILE entries at once, vectorised over entries, classes looped
 // ---------------------------------------------------------------------------------------------
 
+// 256 fp32 / 128 fp64 entries: per class a 1 KiB contiguous run of an NCHW map (long runs for the
+// prefetchers; 32-entry tiles touched 19+ streams H·W apart per 128 B), the tile's per-entry state in L1
 template <typename acc_t>
 constexpr int64_t tile_size() {
-  return 4 * at::vec::Vectorized<acc_t>::size();
+  return 32 * at::vec::Vectorized<acc_t>::size();
 }
 
 // x[base[k] + c·s_class] for the tile's entries, in ACC: a full contiguous run of ACC values is used in
@@ -397,9 +401,12 @@ inline const acc_t* tile_class(
   return buf;
 }
 
-// classes per chunk of the tile's forward: CHUNK × TILE values (16 KiB) stay in L1 between the max pass
-// and the exp pass (a contiguous copy: the logits' own class rows are H·W apart, which alias in the caches)
-constexpr int64_t TILE_CHUNK = 128;
+// classes per chunk of the tile's forward: CHUNK × TILE values (16 KiB fp32, 32 KiB fp64) stay in L1
+// between the max pass and the exp pass (a contiguous copy: the class rows are H·W apart and alias in caches)
+template <typename acc_t>
+constexpr int64_t tile_chunk() {
+  return 4096 / tile_size<acc_t>();
+}
 
 // online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes). Per chunk of
 // classes, a max pass (m, j*, Σv, NaN) that caches v in L1, then one exp per element (d, d_w, E[x]),
@@ -428,6 +435,7 @@ void tile_stats(
     d[j] = sum_v[j] = arg[j] = nan[j] = dw[j] = ev[j] = Vec(acc_t(0));
     vmult[j] = Vec::loadu(mult + j * V);
   }
+  constexpr int64_t TILE_CHUNK = tile_chunk<acc_t>();
   alignas(64) acc_t buf[TILE_CHUNK * T];
   alignas(64) acc_t raw[T];
   const Vec zero(acc_t(0)), vneg_inf(neg_inf);

@@ -78,13 +78,15 @@ def _vos_modules(dtype=torch.float32):
     return phi, weights
 
 
-# (B, C) rows run the class-contiguous traversal; the rest the entry tiles: (2, C, 8, 8) full 32-entry tiles
-# (in-place loads and stores), (2, C, 3, 4) a partial one, channels-last / sliced / transposed gathered ones
+# (B, C) rows run the class-contiguous traversal; the rest the entry tiles: (1, C, 16, 16) a full 256-entry
+# fp32 tile (in-place loads and stores), (2, C, 8, 8) one across two images, (2, C, 3, 4) a partial one,
+# channels-last / sliced / transposed gathered ones
 LAYOUTS = [
     ((9, C), "contiguous"),
     ((9, C), "transposed"),
     ((9, C), "sliced"),
     ((2, C, 8, 8), "contiguous"),
+    ((1, C, 16, 16), "contiguous"),
     ((2, C, 3, 4), "contiguous"),
     ((2, C, 3, 4), "channels_last"),
     ((2, C, 3, 4), "sliced"),
@@ -98,7 +100,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize(
-    "shape,layout", [((6, C), "contiguous"), ((1, C, 8, 4), "contiguous"), ((1, C, 2, 3), "sliced")], ids=str
+    "shape,layout", [((6, C), "contiguous"), ((1, C, 16, 16), "contiguous"), ((1, C, 2, 3), "sliced")], ids=str
 )
 @pytest.mark.parametrize("kind", range(6))
 def test_cpp_energy_ops_equal_triton_interpreter(monkeypatch, kind, shape, layout, weighted):
@@ -165,7 +167,7 @@ def test_cpp_ce_and_energy_equals_reference(monkeypatch, shape, layout, weighted
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(9, C), (2, C, 8, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(9, C), (2, C, 16, 16)], ids=str)
 def test_cpp_ce_and_energy_dtypes(monkeypatch, shape, dtype):
     logits = _logits(shape, dtype=dtype)
     targets = _targets((shape[0], *shape[2:]), "mixed")
