@@ -48,7 +48,9 @@ constexpr int64_t SCORE_ENERGY = 0;
 constexpr int64_t SCORE_MAX_SOFTMAX = 1;
 constexpr int64_t SCORE_MAX_LOGIT = 2;
 constexpr int64_t SCORE_ENTROPY = 3;
-constexpr int64_t N_SCORES = 4;
+constexpr int64_t SCORE_WEIGHTED_ENERGY = 4;
+constexpr int64_t SCORE_ENTROPY_EXACT = 5;
+constexpr int64_t N_SCORES = 6;
 
 constexpr int64_t N_STATS = 5;
 constexpr double LOGIT_NORM_EPS = 1e-7;
@@ -156,7 +158,9 @@ inline Coefficients<acc_t> coefficients(
     const Params<acc_t>& p, const Label& l, acc_t omega, acc_t m, acc_t log_d, acc_t v_y, acc_t sum_v) {
   const acc_t lse = m + log_d;
   const acc_t ce = (m - v_y) + log_d;
-  const acc_t pi = std::exp(-log_d);
+  // π = 1/d only for the confidence kinds (an exp per entry the others do not pay)
+  const bool needs_pi = p.kind == CONFIDENCE_PENALTY || p.kind == MARGIN_CONFIDENCE;
+  const acc_t pi = needs_pi ? std::exp(-log_d) : acc_t(0);
   const acc_t zero = 0;
   acc_t loss_id = omega * ce, a_id = omega;
   acc_t loss_ood = zero, a_ood = zero, c_ood = zero, h_ood = zero;
@@ -207,6 +211,8 @@ template <typename acc_t>
 struct Stats {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   acc_t d = 0, sum_v = 0;
+  acc_t d_w = 0;     // Σ relu(w_c)·exp(v_c − m) (weighted energy only)
+  acc_t expect = 0;  // Σ exp(v_c − m)·x_c (exact entropy only)
   int64_t j_star = 0;
   bool has_nan = false;
 
@@ -215,6 +221,13 @@ struct Stats {
     const acc_t m_new = std::max(m, chunk_max);
     return m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
   }
+};
+
+// optional sums of the online pass, beside d and with the same running max (off: no cost)
+template <typename acc_t>
+struct Extras {
+  const acc_t* wr = nullptr;  // relu(w) (C,): d_w for the weighted energy
+  bool expect = false;        // Σ exp(v − m)·x for the exact entropy
 };
 
 template <typename scalar_t, typename acc_t>
@@ -254,7 +267,8 @@ acc_t row_sq_norm(const scalar_t* x, int64_t n, int64_t stride) {
 
 // online statistics of v = x·mult over one row (class stride 1), chunk by chunk; `buf` holds CHUNK values
 template <typename scalar_t, typename acc_t>
-Stats<acc_t> row_stats(const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, acc_t* buf) {
+Stats<acc_t> row_stats(
+    const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, acc_t* buf, const Extras<acc_t>& ex = Extras<acc_t>()) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -315,16 +329,43 @@ Stats<acc_t> row_stats(const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, 
       while (arg < len && !(value(arg) == cmax)) ++arg;
       s.j_star = c0 + std::min(arg, len - 1);
     }
-    // 3. Σ exp(v − shift) over the cached chunk, merged into the running sum
+    // 3. Σ exp(v − shift) over the cached chunk (one exp per element), merged into the running sums
     const acc_t shift = s.shift_for(cmax);
-    const Vec vshift(shift);
-    Vec vexp_sum(acc_t(0));
-    for (c = 0; c < n_vec; c += V) vexp_sum = vexp_sum + vexp<acc_t>(Vec::loadu(vals + c) - vshift);
-    acc_t cexp = 0;
-    for (c = n_vec; c < len; ++c) cexp += std::exp(buf[c] - shift);
+    const Vec vshift(shift), zero(acc_t(0));
+    Vec vexp_sum(acc_t(0)), vdw(acc_t(0)), vex(acc_t(0));
+    acc_t raw[V];
+    for (c = 0; c < n_vec; c += V) {
+      // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
+      const Vec p = ex.expect ? (Vec::loadu(vals + c) - vshift).exp() : vexp<acc_t>(Vec::loadu(vals + c) - vshift);
+      vexp_sum = vexp_sum + p;
+      if (ex.wr != nullptr) vdw = vdw + p * Vec::loadu(ex.wr + c0 + c);
+      if (ex.expect) {
+        // x in raw units; select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
+        for (int64_t k = 0; k < V; ++k) raw[k] = load<scalar_t, acc_t>(x, c0 + c + k);
+        vex = vex + p * Vec::blendv(zero, Vec::loadu(raw), p > zero);
+      }
+    }
+    acc_t cexp = 0, cdw = 0, cex = 0;
+    for (c = n_vec; c < len; ++c) {
+      const acc_t p = std::exp(buf[c] - shift);
+      cexp += p;
+      if (ex.wr != nullptr) cdw += p * ex.wr[c0 + c];
+      if (ex.expect) cex += p * (p > 0 ? load<scalar_t, acc_t>(x, c0 + c) : acc_t(0));
+    }
     vexp_sum.store(lanes);
     for (int64_t k = 0; k < V; ++k) cexp += lanes[k];
-    s.d = s.d * std::exp(s.m - shift) + cexp;
+    const acc_t rescale = std::exp(s.m - shift);
+    s.d = s.d * rescale + cexp;
+    if (ex.wr != nullptr) {
+      vdw.store(lanes);
+      for (int64_t k = 0; k < V; ++k) cdw += lanes[k];
+      s.d_w = s.d_w * rescale + cdw;
+    }
+    if (ex.expect) {
+      vex.store(lanes);
+      for (int64_t k = 0; k < V; ++k) cex += lanes[k];
+      s.expect = s.expect * rescale + cex;
+    }
     s.m = std::max(s.m, cmax);
   }
   return s;
@@ -334,9 +375,11 @@ Stats<acc_t> row_stats(const scalar_t* x, int64_t n, acc_t mult, int64_t chunk, 
 // entry-tile traversal: TILE entries at once, vectorised over entries, classes looped
 // ---------------------------------------------------------------------------------------------
 
+// 256 fp32 / 128 fp64 entries: per class a 1 KiB contiguous run of an NCHW map (long runs for the
+// prefetchers; 32-entry tiles touched 19+ streams H·W apart per 128 B), the tile's per-entry state in L1
 template <typename acc_t>
 constexpr int64_t tile_size() {
-  return 4 * at::vec::Vectorized<acc_t>::size();
+  return 32 * at::vec::Vectorized<acc_t>::size();
 }
 
 // x[base[k] + c·s_class] for the tile's entries, in ACC: a full contiguous run of ACC values is used in
@@ -358,7 +401,16 @@ inline const acc_t* tile_class(
   return buf;
 }
 
-// online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes)
+// classes per chunk of the tile's forward: CHUNK × TILE values (16 KiB fp32, 32 KiB fp64) stay in L1
+// between the max pass and the exp pass (a contiguous copy: the class rows are H·W apart and alias in caches)
+template <typename acc_t>
+constexpr int64_t tile_chunk() {
+  return 4096 / tile_size<acc_t>();
+}
+
+// online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes). Per chunk of
+// classes, a max pass (m, j*, Σv, NaN) that caches v in L1, then one exp per element (d, d_w, E[x]),
+// the previous chunks' sums rescaled once per chunk
 template <typename scalar_t, typename acc_t>
 void tile_stats(
     const scalar_t* X,
@@ -368,45 +420,80 @@ void tile_stats(
     int64_t n_classes,
     int64_t s_class,
     const acc_t* mult,
-    Stats<acc_t>* out) {
+    bool has_mult,
+    int64_t chunk,
+    Stats<acc_t>* out,
+    const Extras<acc_t>& ex = Extras<acc_t>()) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t T = tile_size<acc_t>();
   constexpr int64_t NV = T / V;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  Vec m[NV], d[NV], sum_v[NV], arg[NV], nan[NV], vmult[NV];
+  Vec m[NV], d[NV], sum_v[NV], arg[NV], nan[NV], vmult[NV], dw[NV], ev[NV];
   for (int64_t j = 0; j < NV; ++j) {
     m[j] = Vec(neg_inf);
-    d[j] = sum_v[j] = arg[j] = nan[j] = Vec(acc_t(0));
+    d[j] = sum_v[j] = arg[j] = nan[j] = dw[j] = ev[j] = Vec(acc_t(0));
     vmult[j] = Vec::loadu(mult + j * V);
   }
-  alignas(64) acc_t buf[T];
+  constexpr int64_t TILE_CHUNK = tile_chunk<acc_t>();
+  alignas(64) acc_t buf[TILE_CHUNK * T];
+  alignas(64) acc_t raw[T];
   const Vec zero(acc_t(0)), vneg_inf(neg_inf);
-  for (int64_t c = 0; c < n_classes; ++c) {
-    const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, s_class, buf);
-    const Vec col(static_cast<acc_t>(c));
+  const int64_t ch = std::max<int64_t>(1, std::min(TILE_CHUNK, chunk));
+  for (int64_t c0 = 0; c0 < n_classes; c0 += ch) {
+    const int64_t len = std::min(ch, n_classes - c0);
+    Vec m_old[NV];
+    for (int64_t j = 0; j < NV; ++j) m_old[j] = m[j];
+    // 1. max pass: v cached in `buf`; strictly greater moves m and j* (the first maximum wins); a NaN never
+    //    moves m (the NaN flag takes over)
+    for (int64_t i = 0; i < len; ++i) {
+      acc_t* slot = buf + i * T;
+      const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c0 + i, s_class, slot);
+      const Vec col(static_cast<acc_t>(c0 + i));
+      for (int64_t j = 0; j < NV; ++j) {
+        Vec v = Vec::loadu(x + j * V);
+        if (has_mult) v = v * vmult[j];
+        v.store(slot + j * V);
+        nan[j] = nan[j] | (v != v);
+        const Vec greater = v > m[j];
+        m[j] = Vec::blendv(m[j], v, greater);
+        arg[j] = Vec::blendv(arg[j], col, greater);
+        sum_v[j] = sum_v[j] + v;
+      }
+    }
+    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf)
+    Vec shift[NV];
     for (int64_t j = 0; j < NV; ++j) {
-      const Vec v = Vec::loadu(x + j * V) * vmult[j];
-      const Vec is_nan = v != v;
-      nan[j] = nan[j] | is_nan;
-      // strictly greater: the first maximum wins; a NaN never moves m (the NaN flag takes over)
-      const Vec greater = v > m[j];
-      const Vec m_new = Vec::blendv(m[j], v, greater);
-      arg[j] = Vec::blendv(arg[j], col, greater);
-      // an all -inf prefix keeps m = -inf: shift by 0 there so that no inf − inf appears
-      const Vec shift = Vec::blendv(m_new, zero, m_new == vneg_inf);
-      d[j] = d[j] * vexp<acc_t>(m[j] - shift) + vexp<acc_t>(Vec::blendv(v, vneg_inf, is_nan) - shift);
-      sum_v[j] = sum_v[j] + v;
-      m[j] = m_new;
+      shift[j] = Vec::blendv(m[j], zero, m[j] == vneg_inf);
+      const Vec rescale = vexp<acc_t>(m_old[j] - shift[j]);
+      d[j] = d[j] * rescale;
+      if (ex.wr != nullptr) dw[j] = dw[j] * rescale;
+      if (ex.expect) ev[j] = ev[j] * rescale;
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t* slot = buf + i * T;
+      const acc_t* x = nullptr;
+      if (ex.expect) x = has_mult ? tile_class<scalar_t, acc_t>(X, base, contiguous, count, c0 + i, s_class, raw) : slot;
+      for (int64_t j = 0; j < NV; ++j) {
+        // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
+        const Vec arg = Vec::loadu(slot + j * V) - shift[j];
+        const Vec p = ex.expect ? arg.exp() : vexp<acc_t>(arg);
+        d[j] = d[j] + p;
+        if (ex.wr != nullptr) dw[j] = dw[j] + p * Vec(ex.wr[c0 + i]);
+        // select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
+        if (ex.expect) ev[j] = ev[j] + p * Vec::blendv(zero, Vec::loadu(x + j * V), p > zero);
+      }
     }
   }
-  alignas(64) acc_t lm[T], ld[T], ls[T], la[T], ln[T];
+  alignas(64) acc_t lm[T], ld[T], ls[T], la[T], ln[T], lw[T], le[T];
   for (int64_t j = 0; j < NV; ++j) {
     m[j].store(lm + j * V);
     d[j].store(ld + j * V);
     sum_v[j].store(ls + j * V);
     arg[j].store(la + j * V);
     nan[j].store(ln + j * V);
+    dw[j].store(lw + j * V);
+    ev[j].store(le + j * V);
   }
   for (int64_t k = 0; k < count; ++k) {
     out[k].m = lm[k];
@@ -414,6 +501,8 @@ void tile_stats(
     out[k].sum_v = ls[k];
     out[k].j_star = static_cast<int64_t>(la[k]);
     out[k].has_nan = ln[k] != 0;
+    out[k].d_w = lw[k];
+    out[k].expect = le[k];
   }
 }
 
@@ -437,6 +526,13 @@ struct RowKernel {
   Targets y;
   Params<acc_t> p;
   int64_t chunk;
+  // the energy variants (row_loss_energy_fwd / _bwd); all null for the plain ops
+  const acc_t* wr = nullptr;         // relu(class_weight) (C,): the weighted energy and its gradient
+  acc_t* energy = nullptr;           // forward: (R,) energy output E
+  const acc_t* GE = nullptr;         // backward: upstream gradient of E, stride s_ge
+  int64_t s_ge = 0;
+  const acc_t* energy_in = nullptr;  // backward with weights: the forward's E
+  acc_t* gw_partial = nullptr;       // backward with weights: (blocks, C) partial column sums of dL/dw
 
   // LogitNorm's ‖x‖ of entry r (a pass of its own: the softmax is over x/s and s needs the norm)
   acc_t norm(int64_t base) const {
@@ -456,7 +552,13 @@ struct RowKernel {
     return e / s.d - x_y;
   }
 
-  // finish entry r: row value and statistics
+  Extras<acc_t> extras() const {
+    Extras<acc_t> ex;
+    ex.wr = energy != nullptr ? wr : nullptr;
+    return ex;
+  }
+
+  // finish entry r: row value, statistics and the energy output
   void finish(int64_t r, int64_t target, int64_t base, Stats<acc_t> s, acc_t mult, acc_t norm_r, acc_t* loss,
               acc_t* stats) const {
     const int64_t R = xv.n_rows;
@@ -473,6 +575,8 @@ struct RowKernel {
     stats[2 * R + r] = static_cast<acc_t>(s.j_star);
     stats[3 * R + r] = norm_r;
     stats[4 * R + r] = p.kind == LOGIT_NORM ? rho(base, s, mult, l.y) : acc_t(0);
+    // E = −lse, or the max-subtracted weighted energy −(m + ln d_w) (fix g)
+    if (energy != nullptr) energy[r] = wr != nullptr ? -(s.m + std::log(s.d_w)) : -(s.m + log_d);
   }
 
   acc_t mult_of(acc_t norm_r) const {
@@ -481,6 +585,7 @@ struct RowKernel {
 
   void forward(acc_t* loss, acc_t* stats) const {
     const int64_t R = xv.n_rows, C = p.n_classes;
+    const Extras<acc_t> ex = extras();
     if (xv.s_class == 1) {
       at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(chunk);
@@ -488,7 +593,7 @@ struct RowKernel {
           const int64_t base = xv.offset(r);
           const acc_t norm_r = p.kind == LOGIT_NORM ? norm(base) : acc_t(0);
           const acc_t mult = mult_of(norm_r);
-          const Stats<acc_t> s = row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data());
+          const Stats<acc_t> s = row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data(), ex);
           finish(r, y.at(r), base, s, mult, norm_r, loss, stats);
         }
       });
@@ -511,7 +616,7 @@ struct RowKernel {
           mult[k] = mult_of(norms[k]);
         }
         for (int64_t k = count; k < T; ++k) mult[k] = 1;
-        tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, s);
+        tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, p.kind == LOGIT_NORM, chunk, s, ex);
         for (int64_t k = 0; k < count; ++k) {
           finish(r0 + k, y.data[ybase[k]], base[k], s[k], mult[k], norms[k], loss, stats);
         }
@@ -526,6 +631,7 @@ struct RowKernel {
   struct Grad {
     acc_t a, b, c, h, delta, mult, lse;
     int64_t y, j_star;
+    acc_t ge, energy;  // weighted energy: γ_E and E (the term −γ_E·relu(w)·exp(x + E))
   };
 
   Grad grad_coefficients(int64_t r, int64_t target, const acc_t* stats, const acc_t* G, int64_t s_g) const {
@@ -556,7 +662,33 @@ struct RowKernel {
     g.lse = m + log_d;
     g.y = l.y;
     g.j_star = j_star;
+    g.ge = 0;
+    g.energy = 0;
+    if (GE != nullptr) {
+      // dE/dx = −p for E = −lse (folded into a); the weighted energy's −q is a term of its own
+      g.ge = GE[r * s_ge];
+      if (wr == nullptr) {
+        g.a -= g.ge;
+      } else {
+        g.energy = energy_in[r];
+      }
+    }
     return g;
+  }
+
+  // backward work is split into fixed blocks (rows, or tiles of T entries), independent of the thread
+  // count, so the per-block partial sums of dL/dw add up in the same order on every run
+  int64_t block_rows() const {
+    return std::max<int64_t>(1, 16384 / std::max<int64_t>(p.n_classes, 1));
+  }
+  int64_t block_tiles() const {
+    return std::max<int64_t>(1, 4096 / (tile_size<acc_t>() * std::max<int64_t>(p.n_classes, 1)));
+  }
+  int64_t n_blocks(const View& dv) const {
+    const int64_t R = xv.n_rows;
+    if (xv.s_class == 1 && dv.s_class == 1) return (R + block_rows() - 1) / block_rows();
+    const int64_t n_tiles = (R + tile_size<acc_t>() - 1) / tile_size<acc_t>();
+    return (n_tiles + block_tiles() - 1) / block_tiles();
   }
 
   void backward(const acc_t* stats, const acc_t* G, int64_t s_g, scalar_t* D, const View& dv) const {
@@ -564,40 +696,58 @@ struct RowKernel {
     constexpr int64_t V = Vec::size();
     const int64_t R = xv.n_rows, C = p.n_classes;
     const bool logit_norm = p.kind == LOGIT_NORM;
+    const bool weighted = wr != nullptr && GE != nullptr;
+    const Vec zero(acc_t(0));
     if (xv.s_class == 1 && dv.s_class == 1) {
-      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      const int64_t rb = block_rows();
+      at::parallel_for(0, (R + rb - 1) / rb, 1, [&](int64_t bb, int64_t be) {
         std::vector<acc_t> buf(chunk);
-        for (int64_t r = begin; r < end; ++r) {
-          const Grad g = grad_coefficients(r, y.at(r), stats, G, s_g);
-          const scalar_t* x = X + xv.offset(r);
-          scalar_t* out = D + dv.offset(r);
-          const Vec va(g.a), vc(g.c), vmult(g.mult), vlse(g.lse), vdelta(g.delta);
-          for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-            const int64_t len = std::min(chunk, C - c0);
-            int64_t c = 0;
-            for (; c + V <= len; c += V) {
-              Vec xv_;
-              if constexpr (std::is_same_v<scalar_t, acc_t>) {
-                xv_ = Vec::loadu(x + c0 + c);
-              } else {
-                for (int64_t k = 0; k < V; ++k) buf[c + k] = load<scalar_t, acc_t>(x, c0 + c + k);
-                xv_ = Vec::loadu(buf.data() + c);
+        for (int64_t blk = bb; blk < be; ++blk) {
+          acc_t* gwp = weighted ? gw_partial + blk * C : nullptr;
+          for (int64_t r = blk * rb; r < std::min(R, (blk + 1) * rb); ++r) {
+            const Grad g = grad_coefficients(r, y.at(r), stats, G, s_g);
+            const scalar_t* x = X + xv.offset(r);
+            scalar_t* out = D + dv.offset(r);
+            const Vec va(g.a), vc(g.c), vmult(g.mult), vlse(g.lse), vdelta(g.delta), vnge(-g.ge), venergy(g.energy);
+            for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+              const int64_t len = std::min(chunk, C - c0);
+              int64_t c = 0;
+              for (; c + V <= len; c += V) {
+                Vec xv_;
+                if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                  xv_ = Vec::loadu(x + c0 + c);
+                } else {
+                  for (int64_t k = 0; k < V; ++k) buf[c + k] = load<scalar_t, acc_t>(x, c0 + c + k);
+                  xv_ = Vec::loadu(buf.data() + c);
+                }
+                Vec gv = va * vexp<acc_t>(xv_ * vmult - vlse) + vc;
+                // only LogitNorm has the δ·x term (elsewhere 0·x would turn -inf logits into NaN)
+                if (logit_norm) gv = gv + vdelta * xv_;
+                if (weighted) {
+                  // dq = −γ_E·e^(x − m)/d_w from the saved E; dE/dw_c = dq·1[w_c > 0]
+                  const Vec w = Vec::loadu(wr + c0 + c);
+                  const Vec dq = vnge * vexp<acc_t>(xv_ + venergy);
+                  gv = gv + dq * w;
+                  (Vec::loadu(gwp + c0 + c) + Vec::blendv(zero, dq, w > zero)).store(gwp + c0 + c);
+                }
+                gv.store(buf.data() + c);
               }
-              Vec gv = va * vexp<acc_t>(xv_ * vmult - vlse) + vc;
-              // only LogitNorm has the δ·x term (elsewhere 0·x would turn -inf logits into NaN)
-              if (logit_norm) gv = gv + vdelta * xv_;
-              gv.store(buf.data() + c);
+              for (; c < len; ++c) {
+                const acc_t xs = load<scalar_t, acc_t>(x, c0 + c);
+                acc_t gs = g.a * std::exp(xs * g.mult - g.lse) + g.c;
+                if (logit_norm) gs += g.delta * xs;
+                if (weighted) {
+                  const acc_t dq = -g.ge * std::exp(xs + g.energy);
+                  gs += dq * wr[c0 + c];
+                  if (wr[c0 + c] > 0) gwp[c0 + c] += dq;
+                }
+                buf[c] = gs;
+              }
+              // one-hot terms in ACC, before the single rounding store
+              if (g.y >= c0 && g.y < c0 + len) buf[g.y - c0] += g.b;
+              if (g.j_star >= c0 && g.j_star < c0 + len) buf[g.j_star - c0] += g.h;
+              for (c = 0; c < len; ++c) out[c0 + c] = static_cast<scalar_t>(buf[c]);
             }
-            for (; c < len; ++c) {
-              const acc_t xs = load<scalar_t, acc_t>(x, c0 + c);
-              acc_t gs = g.a * std::exp(xs * g.mult - g.lse) + g.c;
-              if (logit_norm) gs += g.delta * xs;
-              buf[c] = gs;
-            }
-            // one-hot terms in ACC, before the single rounding store
-            if (g.y >= c0 && g.y < c0 + len) buf[g.y - c0] += g.b;
-            if (g.j_star >= c0 && g.j_star < c0 + len) buf[g.j_star - c0] += g.h;
-            for (c = 0; c < len; ++c) out[c0 + c] = static_cast<scalar_t>(buf[c]);
           }
         }
       });
@@ -606,65 +756,85 @@ struct RowKernel {
     constexpr int64_t T = tile_size<acc_t>();
     constexpr int64_t NV = T / V;
     const int64_t n_tiles = (R + T - 1) / T;
-    at::parallel_for(0, n_tiles, std::max<int64_t>(1, 4096 / (T * std::max<int64_t>(C, 1))), [&](int64_t tb, int64_t te) {
+    const int64_t tbk = block_tiles();
+    at::parallel_for(0, (n_tiles + tbk - 1) / tbk, 1, [&](int64_t bb, int64_t be) {
       int64_t base[T], dbase[T], ybase[T];
-      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], buf[T], out[T];
+      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], nge[T], en[T], buf[T], out[T];
       Grad g[T];
-      for (int64_t t = tb; t < te; ++t) {
-        const int64_t r0 = t * T, count = std::min(T, R - r0);
-        bool contiguous = true, dcontiguous = true;
-        xv.offsets(r0, count, base);
-        dv.offsets(r0, count, dbase);
-        y.view.offsets(r0, count, ybase);
-        for (int64_t k = 0; k < T; ++k) {
-          if (k < count) {
-            contiguous = contiguous && base[k] == base[0] + k;
-            dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
-            g[k] = grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g);
-          } else {
-            g[k] = Grad{0, 0, 0, 0, 0, 1, 0, -1, -1};
+      for (int64_t blk = bb; blk < be; ++blk) {
+        acc_t* gwp = weighted ? gw_partial + blk * C : nullptr;
+        for (int64_t t = blk * tbk; t < std::min(n_tiles, (blk + 1) * tbk); ++t) {
+          const int64_t r0 = t * T, count = std::min(T, R - r0);
+          bool contiguous = true, dcontiguous = true;
+          xv.offsets(r0, count, base);
+          dv.offsets(r0, count, dbase);
+          y.view.offsets(r0, count, ybase);
+          for (int64_t k = 0; k < T; ++k) {
+            if (k < count) {
+              contiguous = contiguous && base[k] == base[0] + k;
+              dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
+              g[k] = grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g);
+            } else {
+              g[k] = Grad{0, 0, 0, 0, 0, 1, 0, -1, -1, 0, 0};
+            }
+            a[k] = g[k].a;
+            cc[k] = g[k].c;
+            mult[k] = g[k].mult;
+            lse[k] = g[k].lse;
+            delta[k] = g[k].delta;
+            nge[k] = -g[k].ge;
+            en[k] = g[k].energy;
           }
-          a[k] = g[k].a;
-          cc[k] = g[k].c;
-          mult[k] = g[k].mult;
-          lse[k] = g[k].lse;
-          delta[k] = g[k].delta;
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
-          // a full contiguous fp32/fp64 run is written in place (one-hot terms added there, still in ACC)
-          bool direct = false;
-          acc_t* o = out;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            if (dcontiguous && count == T) {
-              o = D + dbase[0] + c * dv.s_class;
-              direct = true;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
+            // a full contiguous fp32/fp64 run is written in place (one-hot terms added there, still in ACC)
+            bool direct = false;
+            acc_t* o = out;
+            if constexpr (std::is_same_v<scalar_t, acc_t>) {
+              if (dcontiguous && count == T) {
+                o = D + dbase[0] + c * dv.s_class;
+                direct = true;
+              }
+            }
+            Vec dq_sum(acc_t(0));
+            for (int64_t j = 0; j < NV; ++j) {
+              const Vec xs = Vec::loadu(x + j * V);
+              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)) +
+                  Vec::loadu(cc + j * V);
+              if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
+              if (weighted) {
+                // padding lanes have γ_E = 0: their dq is 0
+                const Vec dq = Vec::loadu(nge + j * V) * vexp<acc_t>(xs + Vec::loadu(en + j * V));
+                gv = gv + dq * Vec(wr[c]);
+                dq_sum = dq_sum + dq;
+              }
+              gv.store(o + j * V);
+            }
+            if (weighted && wr[c] > 0) {
+              alignas(64) acc_t lanes[V];
+              dq_sum.store(lanes);
+              acc_t total = 0;
+              for (int64_t k = 0; k < V; ++k) total += lanes[k];
+              gwp[c] += total;
+            }
+            if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
+            for (int64_t k = 0; k < count; ++k) {
+              if (g[k].y == c) o[k] += g[k].b;
+              if (g[k].j_star == c) o[k] += g[k].h;
+            }
+            if (dcontiguous) {
+              scalar_t* dst = D + dbase[0] + c * dv.s_class;
+              for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<scalar_t>(out[k]);
+            } else {
+              for (int64_t k = 0; k < count; ++k) D[dbase[k] + c * dv.s_class] = static_cast<scalar_t>(out[k]);
             }
           }
-          for (int64_t j = 0; j < NV; ++j) {
-            const Vec xs = Vec::loadu(x + j * V);
-            Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)) +
-                Vec::loadu(cc + j * V);
-            if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
-            gv.store(o + j * V);
-          }
-          if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
-          for (int64_t k = 0; k < count; ++k) {
-            if (g[k].y == c) o[k] += g[k].b;
-            if (g[k].j_star == c) o[k] += g[k].h;
-          }
-          if (dcontiguous) {
-            scalar_t* dst = D + dbase[0] + c * dv.s_class;
-            for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<scalar_t>(out[k]);
-          } else {
-            for (int64_t k = 0; k < count; ++k) D[dbase[k] + c * dv.s_class] = static_cast<scalar_t>(out[k]);
-          }
-        }
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (dcontiguous && count == T) {
-            for (int64_t k = 0; k < count; ++k) {
-              if (g[k].y >= 0) D[dbase[k] + g[k].y * dv.s_class] += g[k].b;
-              if (g[k].j_star >= 0) D[dbase[k] + g[k].j_star * dv.s_class] += g[k].h;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (dcontiguous && count == T) {
+              for (int64_t k = 0; k < count; ++k) {
+                if (g[k].y >= 0) D[dbase[k] + g[k].y * dv.s_class] += g[k].b;
+                if (g[k].j_star >= 0) D[dbase[k] + g[k].j_star * dv.s_class] += g[k].h;
+              }
             }
           }
         }
@@ -718,6 +888,143 @@ int64_t chunk_of(int64_t block_c) {
   return block_c > 0 ? block_c : DEFAULT_CHUNK;
 }
 
+// relu(w) of a class-weight vector (C,) in ACC, contiguous (the kernels read relu(w) and 1[w > 0] from it)
+Tensor relu_weights(const std::optional<Tensor>& class_weight, at::ScalarType acc, int64_t n_classes, const char* op) {
+  TORCH_CHECK(
+      class_weight->numel() == n_classes,
+      "oodkernels::",
+      op,
+      ": class_weight must have C = ",
+      n_classes,
+      " entries, got shape ",
+      class_weight->sizes());
+  return class_weight->reshape({n_classes}).to(acc).clamp_min(0).contiguous();
+}
+
+// the forward of row_loss_fwd and row_loss_energy_fwd: (values, energy or {}, stats)
+std::tuple<Tensor, Tensor, Tensor> row_forward(
+    const char* op,
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& cost,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    int64_t block_c,
+    bool return_energy,
+    const std::optional<Tensor>& class_weight) {
+  check_logits(logits, op);
+  check_kind(kind, op);
+  const auto acc = acc_type(logits.scalar_type());
+  const View xv(logits, true);
+  const int64_t R = targets.numel();
+  const int64_t C = logits.size(1);
+  TORCH_CHECK(R == xv.n_rows, "oodkernels::", op, ": targets have ", R, " entries, logits ", xv.n_rows);
+  Tensor loss = at::empty({R}, logits.options().dtype(acc));
+  Tensor stats = at::empty({N_STATS, R}, logits.options().dtype(acc));
+  Tensor energy = at::empty({return_energy ? R : 0}, logits.options().dtype(acc));
+  if (R == 0) return {loss, energy, stats};
+  const Tensor wr = class_weight.has_value() ? relu_weights(class_weight, acc, C, op) : Tensor();
+  // targets of any integer dtype: int64 is read in place, others are converted (O(R))
+  const Tensor y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor cost_acc;
+    RowKernel<scalar_t, acc_t> k{
+        logits.const_data_ptr<scalar_t>(),
+        xv,
+        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
+        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, C),
+        chunk_of(block_c)};
+    if (cost.has_value()) {
+      cost_acc = cost->to(acc).contiguous();
+      k.p.cost = cost_acc.const_data_ptr<acc_t>();
+    }
+    if (return_energy) {
+      k.energy = energy.mutable_data_ptr<acc_t>();
+      if (wr.defined()) k.wr = wr.const_data_ptr<acc_t>();
+    }
+    k.forward(loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
+  });
+  return {loss, energy, stats};
+}
+
+// the backward of row_loss_bwd and row_loss_energy_bwd: (grad, dL/dw or {})
+std::tuple<Tensor, Tensor> row_backward(
+    const char* op,
+    const Tensor& grad_values,
+    const std::optional<Tensor>& grad_energy,
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& cost,
+    const Tensor& stats,
+    const std::optional<Tensor>& energy,
+    const std::optional<Tensor>& class_weight,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    int64_t block_c) {
+  check_logits(logits, op);
+  check_kind(kind, op);
+  const auto acc = acc_type(logits.scalar_type());
+  const int64_t C = logits.size(1);
+  // preserve_format keeps dense strides (NCHW, channels-last, transposed), else contiguous
+  Tensor grad = at::empty_like(logits);
+  const View xv(logits, true), dv(grad, true);
+  const bool weighted = class_weight.has_value() && grad_energy.has_value();
+  Tensor grad_w = class_weight.has_value() ? at::zeros({C}, stats.options().dtype(acc)) : Tensor();
+  if (xv.n_rows == 0 || C == 0) return {grad.zero_(), grad_w};
+  const Tensor y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
+  const Tensor st = stats.scalar_type() == acc ? stats.contiguous() : stats.to(acc).contiguous();
+  const Tensor go = grad_values.scalar_type() == acc ? grad_values : grad_values.to(acc);
+  const int64_t s_g = go.dim() ? go.stride(0) : 0;
+  Tensor ge, en, wr, partial;
+  if (grad_energy.has_value()) ge = grad_energy->scalar_type() == acc ? *grad_energy : grad_energy->to(acc);
+  if (weighted) {
+    TORCH_CHECK(energy.has_value(), "oodkernels::", op, ": the weighted energy gradient needs the forward's energy");
+    en = energy->to(acc).contiguous();
+    wr = relu_weights(class_weight, acc, C, op);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor cost_acc;
+    RowKernel<scalar_t, acc_t> k{
+        logits.const_data_ptr<scalar_t>(),
+        xv,
+        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
+        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, C),
+        chunk_of(block_c)};
+    if (cost.has_value()) {
+      cost_acc = cost->to(acc).contiguous();
+      k.p.cost = cost_acc.const_data_ptr<acc_t>();
+    }
+    if (ge.defined()) {
+      k.GE = ge.const_data_ptr<acc_t>();
+      k.s_ge = ge.dim() ? ge.stride(0) : 0;
+    }
+    if (weighted) {
+      k.wr = wr.const_data_ptr<acc_t>();
+      k.energy_in = en.const_data_ptr<acc_t>();
+      partial = at::zeros({k.n_blocks(dv), C}, stats.options().dtype(acc));
+      k.gw_partial = partial.mutable_data_ptr<acc_t>();
+    }
+    k.backward(st.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(), s_g, grad.mutable_data_ptr<scalar_t>(), dv);
+    if (weighted) {
+      // the blocks' partial sums in block order: the same bits on every run and thread count
+      acc_t* out = grad_w.mutable_data_ptr<acc_t>();
+      const acc_t* part = partial.const_data_ptr<acc_t>();
+      for (int64_t b = 0; b < partial.size(0); ++b) {
+        for (int64_t c = 0; c < C; ++c) out[c] += part[b * C + c];
+      }
+    }
+  });
+  return {grad, grad_w};
+}
+
 std::tuple<Tensor, Tensor> cpu_row_loss_fwd(
     const Tensor& logits,
     const Tensor& targets,
@@ -729,32 +1036,8 @@ std::tuple<Tensor, Tensor> cpu_row_loss_fwd(
     std::optional<int64_t> ignore_index,
     int64_t block_r,
     int64_t block_c) {
-  check_logits(logits, "cpu_row_loss_fwd");
-  check_kind(kind, "cpu_row_loss_fwd");
-  const auto acc = acc_type(logits.scalar_type());
-  const View xv(logits, true);
-  const int64_t R = targets.numel();
-  TORCH_CHECK(R == xv.n_rows, "oodkernels::cpu_row_loss_fwd: targets have ", R, " entries, logits ", xv.n_rows);
-  Tensor loss = at::empty({R}, logits.options().dtype(acc));
-  Tensor stats = at::empty({N_STATS, R}, logits.options().dtype(acc));
-  if (R == 0) return {loss, stats};
-  // targets of any integer dtype: int64 is read in place, others are converted (O(R))
-  const Tensor y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_loss_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Tensor cost_acc;
-    RowKernel<scalar_t, acc_t> k{
-        logits.const_data_ptr<scalar_t>(),
-        xv,
-        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
-        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, logits.size(1)),
-        chunk_of(block_c)};
-    if (cost.has_value()) {
-      cost_acc = cost->to(acc).contiguous();
-      k.p.cost = cost_acc.const_data_ptr<acc_t>();
-    }
-    k.forward(loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
-  });
+  auto [loss, energy, stats] = row_forward(
+      "cpu_row_loss_fwd", logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_c, false, std::nullopt);
   return {loss, stats};
 }
 
@@ -771,36 +1054,84 @@ Tensor cpu_row_loss_bwd(
     std::optional<int64_t> ignore_index,
     int64_t block_r,
     int64_t block_c) {
-  check_logits(logits, "cpu_row_loss_bwd");
-  check_kind(kind, "cpu_row_loss_bwd");
-  const auto acc = acc_type(logits.scalar_type());
-  // preserve_format keeps dense strides (NCHW, channels-last, transposed), else contiguous
-  Tensor grad = at::empty_like(logits);
-  const View xv(logits, true), dv(grad, true);
-  if (xv.n_rows == 0 || logits.size(1) == 0) return grad.zero_();
-  const Tensor y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
-  const Tensor st = stats.scalar_type() == acc ? stats.contiguous() : stats.to(acc).contiguous();
-  const Tensor go = grad_values.scalar_type() == acc ? grad_values : grad_values.to(acc);
-  const int64_t s_g = go.dim() ? go.stride(0) : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_loss_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Tensor cost_acc;
-    RowKernel<scalar_t, acc_t> k{
-        logits.const_data_ptr<scalar_t>(),
-        xv,
-        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
-        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, logits.size(1)),
-        chunk_of(block_c)};
-    if (cost.has_value()) {
-      cost_acc = cost->to(acc).contiguous();
-      k.p.cost = cost_acc.const_data_ptr<acc_t>();
-    }
-    k.backward(st.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(), s_g, grad.mutable_data_ptr<scalar_t>(), dv);
-  });
-  return grad;
+  return std::get<0>(row_backward(
+      "cpu_row_loss_bwd",
+      grad_values,
+      std::nullopt,
+      logits,
+      targets,
+      cost,
+      stats,
+      std::nullopt,
+      std::nullopt,
+      kind,
+      alpha,
+      m_in,
+      m_out,
+      ignore_index,
+      block_c));
 }
 
-Tensor cpu_row_scores(const Tensor& logits, int64_t which, double t, int64_t block_r, int64_t block_c) {
+std::tuple<Tensor, Tensor, Tensor> cpu_row_loss_energy_fwd(
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& cost,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    int64_t block_r,
+    int64_t block_c,
+    const std::optional<Tensor>& class_weight) {
+  return row_forward(
+      "cpu_row_loss_energy_fwd", logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_c, true, class_weight);
+}
+
+std::tuple<Tensor, Tensor> cpu_row_loss_energy_bwd(
+    const Tensor& grad_values,
+    const Tensor& grad_energy,
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& cost,
+    const Tensor& stats,
+    const Tensor& energy,
+    const std::optional<Tensor>& class_weight,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    int64_t block_r,
+    int64_t block_c) {
+  auto [grad, grad_w] = row_backward(
+      "cpu_row_loss_energy_bwd",
+      grad_values,
+      grad_energy,
+      logits,
+      targets,
+      cost,
+      stats,
+      energy,
+      class_weight,
+      kind,
+      alpha,
+      m_in,
+      m_out,
+      ignore_index,
+      block_c);
+  // (0,) without class weights, as the public op returns
+  if (!grad_w.defined()) grad_w = at::empty({0}, stats.options().dtype(acc_type(logits.scalar_type())));
+  return {grad, grad_w};
+}
+
+Tensor cpu_row_scores(
+    const Tensor& logits,
+    int64_t which,
+    double t,
+    int64_t block_r,
+    int64_t block_c,
+    const std::optional<Tensor>& class_weight) {
   check_logits(logits, "cpu_row_scores");
   TORCH_CHECK(
       which >= 0 && which < N_SCORES,
@@ -809,19 +1140,27 @@ Tensor cpu_row_scores(const Tensor& logits, int64_t which, double t, int64_t blo
       " is not implemented by the C++ backend (it knows 0..",
       N_SCORES - 1,
       ")");
+  TORCH_CHECK(
+      which != SCORE_WEIGHTED_ENERGY || class_weight.has_value(),
+      "oodkernels::cpu_row_scores: class_weight: required for the weighted energy score");
   const auto acc = acc_type(logits.scalar_type());
   const View xv(logits, true);
+  const int64_t C = logits.size(1);
   Tensor out = at::empty({xv.n_rows}, logits.options().dtype(acc));
   if (xv.n_rows == 0) return out;
+  const Tensor wr =
+      which == SCORE_WEIGHTED_ENERGY ? relu_weights(class_weight, acc, C, "cpu_row_scores") : Tensor();
   // the scores reuse the loss traversal with no target: a zero-size target view, never read
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_scores", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t tt = static_cast<acc_t>(t);
     const acc_t mult = acc_t(1) / tt;
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
-    const int64_t C = logits.size(1);
     const int64_t chunk = chunk_of(block_c);
     acc_t* O = out.mutable_data_ptr<acc_t>();
+    Extras<acc_t> ex;
+    if (wr.defined()) ex.wr = wr.const_data_ptr<acc_t>();
+    ex.expect = which == SCORE_ENTROPY_EXACT;
     auto score = [&](int64_t base, Stats<acc_t> s) -> acc_t {
       const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
       const acc_t m = s.has_nan ? nan : s.m;
@@ -833,6 +1172,10 @@ Tensor cpu_row_scores(const Tensor& logits, int64_t which, double t, int64_t blo
           return -std::exp(-log_d);
         case SCORE_MAX_LOGIT:
           return -m;
+        case SCORE_WEIGHTED_ENERGY:  // max-subtracted (fix g): +inf where every weight is <= 0
+          return -(m + std::log(s.d_w));
+        case SCORE_ENTROPY_EXACT:  // H = lse − E_p[x], from the one read (no clamp)
+          return log_d - (s.expect / s.d - m);
         default: {  // entropy of the clamped softmax, as pytorch-ood defines it: needs lse first
           if (m != m) return nan;
           acc_t e = 0;
@@ -851,22 +1194,22 @@ Tensor cpu_row_scores(const Tensor& logits, int64_t which, double t, int64_t blo
         std::vector<acc_t> buf(chunk);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t base = xv.offset(r);
-          O[r] = score(base, row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data()));
+          O[r] = score(base, row_stats<scalar_t, acc_t>(X + base, C, mult, chunk, buf.data(), ex));
         }
       });
     } else {
       constexpr int64_t T = tile_size<acc_t>();
-      at::parallel_for(0, (R + T - 1) / T, 1, [&](int64_t tb, int64_t te) {
+      at::parallel_for(0, (R + T - 1) / T, std::max<int64_t>(1, 4096 / (T * std::max<int64_t>(C, 1))), [&](int64_t tb, int64_t te) {
         int64_t base[T];
         acc_t mults[T];
         Stats<acc_t> s[T];
-        for (int64_t k = 0; k < T; ++k) mults[k] = k < T ? mult : acc_t(1);
+        for (int64_t k = 0; k < T; ++k) mults[k] = mult;
         for (int64_t tile = tb; tile < te; ++tile) {
           const int64_t r0 = tile * T, count = std::min(T, R - r0);
           bool contiguous = true;
           xv.offsets(r0, count, base);
           for (int64_t k = 0; k < count; ++k) contiguous = contiguous && base[k] == base[0] + k;
-          tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mults, s);
+          tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mults, mult != acc_t(1), chunk, s, ex);
           for (int64_t k = 0; k < count; ++k) O[r0 + k] = score(base[k], s[k]);
         }
       });
@@ -886,11 +1229,22 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
   m.def(
       "cpu_row_loss_bwd(Tensor grad_values, Tensor logits, Tensor targets, Tensor? cost, Tensor stats, int kind, "
       "float alpha, float m_in, float m_out, int? ignore_index, int block_r, int block_c) -> Tensor");
-  m.def("cpu_row_scores(Tensor logits, int which, float t, int block_r, int block_c) -> Tensor");
+  m.def(
+      "cpu_row_scores(Tensor logits, int which, float t, int block_r, int block_c, Tensor? class_weight=None) "
+      "-> Tensor");
+  m.def(
+      "cpu_row_loss_energy_fwd(Tensor logits, Tensor targets, Tensor? cost, int kind, float alpha, float m_in, "
+      "float m_out, int? ignore_index, int block_r, int block_c, Tensor? class_weight) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_row_loss_energy_bwd(Tensor grad_values, Tensor grad_energy, Tensor logits, Tensor targets, Tensor? cost, "
+      "Tensor stats, Tensor energy, Tensor? class_weight, int kind, float alpha, float m_in, float m_out, "
+      "int? ignore_index, int block_r, int block_c) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
   m.impl("cpu_row_loss_fwd", &cpu_row_loss_fwd);
   m.impl("cpu_row_loss_bwd", &cpu_row_loss_bwd);
   m.impl("cpu_row_scores", &cpu_row_scores);
+  m.impl("cpu_row_loss_energy_fwd", &cpu_row_loss_energy_fwd);
+  m.impl("cpu_row_loss_energy_bwd", &cpu_row_loss_energy_bwd);
 }

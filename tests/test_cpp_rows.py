@@ -86,14 +86,16 @@ def _targets(logit_shape, pattern, n_classes=C, name=None):
     return testing.make_targets(shape, n_classes, pattern)
 
 
-# (B, C) rows run the class-contiguous traversal; the rest the entry tiles. (2, C, 8, 8) holds full
-# 32-entry tiles (in-place loads and stores), (2, C, 3, 4) a partial one, (C, B).T a transposed tile.
+# (B, C) rows run the class-contiguous traversal; the rest the entry tiles. (1, C, 16, 16) holds a full
+# 256-entry fp32 tile (in-place loads and stores; two full 128-entry fp64 tiles), (2, C, 8, 8) a tile across
+# two images, (2, C, 3, 4) a partial one, (C, B).T a transposed tile.
 LAYOUTS = [
     ((12, C), "contiguous"),
     ((12, C), "transposed"),
     ((12, C), "sliced"),
     ((2, C, 3, 4), "contiguous"),
     ((2, C, 8, 8), "contiguous"),
+    ((1, C, 16, 16), "contiguous"),
     ((2, C, 3, 4), "channels_last"),
     ((2, C, 3, 4), "sliced"),
 ]
@@ -134,7 +136,7 @@ def test_cpp_n_c_l_and_transposed_segmentation(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(12, C), (2, C, 8, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(12, C), (2, C, 16, 16)], ids=str)
 @pytest.mark.parametrize("name", list(_criteria()))
 def test_cpp_dtypes(monkeypatch, name, shape, dtype):
     if len(shape) == 4 and name in CLASSIFICATION_ONLY:
@@ -165,7 +167,7 @@ def test_cpp_class_chunks_agree(monkeypatch, name, chunk):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("shape", [(12, C), (2, C, 8, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(12, C), (2, C, 16, 16)], ids=str)
 @pytest.mark.parametrize("name", list(_criteria()))
 def test_cpp_options_equal_reference(monkeypatch, name, shape, reduction):
     """weight, cost matrix (ω = cost[y, argmax]) and ignore_index, in both traversals."""

@@ -98,7 +98,8 @@ def test_ce_and_energy_equals_reference(monkeypatch, shape, layout, weighted, un
         _compare(monkeypatch, fn, [logits], params=[weight] if weighted else [])
 
 
-def test_row_loss_energy_gradcheck_fp64():
+def test_row_loss_energy_gradcheck_fp64(monkeypatch):
+    _use("triton", monkeypatch)
     x = _logits((6, C), dtype=torch.float64).requires_grad_()
     y = _targets((6,), "mixed")
     w = (torch.rand(C, dtype=torch.float64) + 0.1).requires_grad_()
@@ -117,8 +118,10 @@ def test_row_loss_energy_gradcheck_fp64():
     )
 
 
-def test_opcheck_row_loss_energy_ops():
+def test_opcheck_row_loss_energy_ops(monkeypatch):
     from torch.library import opcheck
+
+    _use("triton", monkeypatch)
 
     logits = _logits((2, C, 3, 2), layout="channels_last")
     targets = _targets((2, 3, 2), "mixed")

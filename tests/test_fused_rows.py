@@ -397,7 +397,7 @@ def test_fused_scores_keep_gradients_through_the_reference(fused):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_opcheck_row_ops():
+def test_opcheck_row_ops(fused):
     from torch.library import opcheck
 
     logits = _logits((2, C, 3, 2)).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last

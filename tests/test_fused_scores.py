@@ -100,7 +100,7 @@ def test_weighted_energy_with_grad_runs_the_reference(fused):
     assert logits.grad is not None and w.grad is not None
 
 
-def test_opcheck_new_scores():
+def test_opcheck_new_scores(fused):
     from torch.library import opcheck
 
     logits = testing.make_logits(2, C, (3, 2), layout="channels_last", device=DEVICE)

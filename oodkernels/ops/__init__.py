@@ -99,6 +99,13 @@ CPP_OPERATIONS = (
     "max_softmax_score",
     "max_logit_score",
     "entropy_score",
+    "weighted_energy_score",
+    "ce_and_energy",
+    "confidence_loss",
+    "objectosphere_loss",
+    "vos_reg_loss",
+    "paired_outlier_exposure",
+    "paired_energy_margin",
 )
 
 

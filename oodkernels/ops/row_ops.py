@@ -38,11 +38,11 @@ weighted energy ``−(m + ln Σ_c relu(w_c)·exp(x_c − m))``, ``m = max_c x_c`
 with :func:`forced_blocks`.
 
 Each op dispatches at call time: CPU tensors go to the C++ implementations in ``csrc/rows.cpp``
-(``oodkernels::cpu_row_loss_fwd`` / ``cpu_row_loss_bwd`` / ``cpu_row_scores``, same arguments and
-outputs; there ``block_c`` is the class chunk) when :func:`oodkernels.ops.select_backend` picks the
-cpp backend (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else goes to
-the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). The schemas, fake impls and
-autograd registrations below are shared by both.
+(``oodkernels::cpu_row_loss_fwd`` / ``cpu_row_loss_bwd`` / ``cpu_row_scores`` / ``cpu_row_loss_energy_fwd`` /
+``cpu_row_loss_energy_bwd``, same arguments and outputs; there ``block_c`` is the class chunk) when
+:func:`oodkernels.ops.select_backend` picks the cpp backend (auto with the extension built, or
+``OODKERNELS_BACKEND=cpp``); everything else goes to the Triton launchers (CUDA, or CPU under
+``TRITON_INTERPRET=1``). The schemas, fake impls and autograd registrations below are shared by both.
 """
 
 from __future__ import annotations
@@ -190,9 +190,7 @@ def row_scores(
     logits: Tensor, which: int, t: float, block_r: int, block_c: int, class_weight: Optional[Tensor] = None
 ) -> Tensor:
     if _on_cpp(logits):
-        if class_weight is not None or which > _kernels.SCORE_ENTROPY:
-            raise NotImplementedError(f"oodkernels::cpu_row_scores: score {which} with class weights is not in C++ yet")
-        return torch.ops.oodkernels.cpu_row_scores(logits, which, t, block_r, block_c)
+        return torch.ops.oodkernels.cpu_row_scores(logits, which, t, block_r, block_c, class_weight)
     return _kernels.row_scores(logits, which, t, _override(block_r, block_c), class_weight)
 
 
@@ -223,6 +221,10 @@ def row_loss_energy_fwd(
     block_c: int,
     class_weight: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_energy_fwd(
+            logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c, class_weight
+        )
     return _kernels.row_loss_energy_forward(
         logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, class_weight, True, _override(block_r, block_c)
     )
@@ -257,6 +259,24 @@ def row_loss_energy_bwd(
     block_r: int,
     block_c: int,
 ) -> tuple[Tensor, Tensor]:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_energy_bwd(
+            grad_values,
+            grad_energy,
+            logits,
+            targets,
+            cost,
+            stats,
+            energy,
+            class_weight,
+            kind,
+            alpha,
+            m_in,
+            m_out,
+            ignore_index,
+            block_r,
+            block_c,
+        )
     grad, grad_w = _kernels.row_loss_energy_backward(
         grad_values,
         grad_energy,
