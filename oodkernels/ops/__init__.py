@@ -85,6 +85,23 @@ REFERENCE: dict[str, Callable] = {
 }
 
 
+#: the operations whose custom ops have C++ implementations in csrc/ (the rest run the reference on CPU)
+CPP_OPERATIONS = (
+    "cross_entropy",
+    "background_class_loss",
+    "outlier_exposure_loss",
+    "entropic_open_set_loss",
+    "energy_regularized_loss",
+    "confidence_penalty_loss",
+    "margin_confidence_loss",
+    "logit_norm_loss",
+    "energy_score",
+    "max_softmax_score",
+    "max_logit_score",
+    "entropy_score",
+)
+
+
 def _register_triton_family() -> str:
     """Register the fused Triton row family; returns why it is unavailable, or ''."""
     if importlib.util.find_spec("triton") is None:
@@ -94,6 +111,10 @@ def _register_triton_family() -> str:
 
     for name, fn in (*rows.FUSED.items(), *centers.FUSED.items()):
         register_kernel("triton", name, fn)
+        # the same fused functions serve the C++ backend where their custom ops have csrc implementations
+        # (they dispatch CPU tensors to them, ops/row_ops.py), so select_backend reports cpp for CPU tensors
+        if name in CPP_OPERATIONS:
+            register_kernel("cpp", name, fn)
     return ""
 
 
@@ -157,6 +178,17 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
             raise RuntimeError(f"OODKERNELS_BACKEND=cpp but the C++ extension is unavailable: {_cpp.status()}")
         return "reference", f"C++ extension unavailable: {_cpp.status()}"
     return "reference", f"no fused backend for {device.type} tensors"
+
+
+#: the row family's operations share their custom ops, so one of them stands for the family
+ROW_FAMILY_OPERATION = "cross_entropy"
+
+
+def row_ops_backend(device: torch.device) -> str:
+    """Which implementation the row family's custom ops run for tensors on ``device``: 'cpp' (the csrc
+    operators) where :func:`select_backend` picks the C++ backend, else 'triton' (the launchers)."""
+    backend, _ = select_backend(ROW_FAMILY_OPERATION, device)
+    return "cpp" if backend == "cpp" else "triton"
 
 
 def implementation(name: str, device: torch.device) -> Callable:

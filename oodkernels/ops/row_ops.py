@@ -36,6 +36,13 @@ weighted energy ``−(m + ln Σ_c relu(w_c)·exp(x_c − m))``, ``m = max_c x_c`
 
 ``block_r = block_c = 0`` picks the launch heuristic; tests force small blocks (multi-block paths)
 with :func:`forced_blocks`.
+
+Each op dispatches at call time: CPU tensors go to the C++ implementations in ``csrc/rows.cpp``
+(``oodkernels::cpu_row_loss_fwd`` / ``cpu_row_loss_bwd`` / ``cpu_row_scores``, same arguments and
+outputs; there ``block_c`` is the class chunk) when :func:`oodkernels.ops.select_backend` picks the
+cpp backend (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else goes to
+the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). The schemas, fake impls and
+autograd registrations below are shared by both.
 """
 
 from __future__ import annotations
@@ -74,6 +81,15 @@ def _override(block_r: int, block_c: int):
     return None if block_r <= 0 or block_c <= 0 else (block_r, block_c)
 
 
+def _on_cpp(logits: Tensor) -> bool:
+    """Whether this call runs the C++ operators (one source of truth: the backend selection)."""
+    if logits.device.type != "cpu":
+        return False
+    from . import row_ops_backend  # the dispatch module imports this one: resolved at call time
+
+    return row_ops_backend(logits.device) == "cpp"
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -91,6 +107,10 @@ def row_loss_fwd(
     block_r: int,
     block_c: int,
 ) -> tuple[Tensor, Tensor]:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_fwd(
+            logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c
+        )
     return _kernels.row_loss_forward(
         logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, _override(block_r, block_c)
     )
@@ -118,6 +138,10 @@ def row_loss_bwd(
     block_r: int,
     block_c: int,
 ) -> Tensor:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_bwd(
+            grad_values, logits, targets, cost, stats, kind, alpha, m_in, m_out, ignore_index, block_r, block_c
+        )
     return _kernels.row_loss_backward(
         grad_values, logits, targets, cost, stats, kind, alpha, m_in, m_out, ignore_index, _override(block_r, block_c)
     )
@@ -165,6 +189,10 @@ row_loss_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 def row_scores(
     logits: Tensor, which: int, t: float, block_r: int, block_c: int, class_weight: Optional[Tensor] = None
 ) -> Tensor:
+    if _on_cpp(logits):
+        if class_weight is not None or which > _kernels.SCORE_ENTROPY:
+            raise NotImplementedError(f"oodkernels::cpu_row_scores: score {which} with class weights is not in C++ yet")
+        return torch.ops.oodkernels.cpu_row_scores(logits, which, t, block_r, block_c)
     return _kernels.row_scores(logits, which, t, _override(block_r, block_c), class_weight)
 
 
