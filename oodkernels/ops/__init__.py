@@ -99,6 +99,15 @@ CPP_OPERATIONS = (
     "max_softmax_score",
     "max_logit_score",
     "entropy_score",
+    "pairwise_distances",
+    "sq_distances",
+    "pairwise_sq_distances",
+    "center_loss",
+    "cac_loss",
+    "mchad_loss",
+    "cac_distance_loss",
+    "center_distance_loss",
+    "mchad_distance_loss",
 )
 
 
