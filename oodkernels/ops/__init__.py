@@ -106,6 +106,15 @@ CPP_OPERATIONS = (
     "vos_reg_loss",
     "paired_outlier_exposure",
     "paired_energy_margin",
+    "pairwise_distances",
+    "sq_distances",
+    "pairwise_sq_distances",
+    "center_loss",
+    "cac_loss",
+    "mchad_loss",
+    "cac_distance_loss",
+    "center_distance_loss",
+    "mchad_distance_loss",
 )
 
 

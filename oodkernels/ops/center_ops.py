@@ -20,6 +20,13 @@ The backward formulas turn ``G`` into ``dX = 2·(rowsum(G)⊙X − G·M)`` and `
 with ``torch.addmm`` in fp32 (fp64), skipping ``dM`` when the centers need no gradient. The two ``*_bwd``
 ops raise in their own backward: double backward through the fused kernels is not supported.
 
+Each op dispatches at call time: CPU tensors go to the C++ implementations in ``csrc/centers.cpp``
+(``oodkernels::cpu_center_sq_distances`` / ``cpu_center_sq_distances_bwd`` / ``cpu_center_loss_fwd`` /
+``cpu_center_loss_bwd``, same arguments and outputs) when :func:`oodkernels.ops.select_backend` picks the cpp
+backend for the center family (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else
+goes to the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). There the cross term is an ATen GEMM
+on chunks of rows (``block_b > 0`` sets the rows per chunk), ``tf32``, ``block_k`` and ``block_d`` are unused.
+
 ``block_* = 0`` picks the launch heuristic; tests force small blocks (multi-tile paths) with
 :func:`forced_blocks`. TF32 for fp32 ``tl.dot`` is opt-in through :func:`tf32_dot` (about 1e-3 relative
 error, and it worsens the expansion's cancellation ~8000x; KERNEL_GUIDE §3).
@@ -66,6 +73,19 @@ def launch_args() -> tuple[bool, int, int, int]:
     return (_TF32[0], *((0, 0, 0) if forced is None else forced))
 
 
+#: the center family's operations share these custom ops, so one of them stands for the family's backend
+CENTER_FAMILY_OPERATION = "center_loss"
+
+
+def _on_cpp(x: Tensor) -> bool:
+    """Whether this call runs the C++ operators (one source of truth: the backend selection)."""
+    if x.device.type != "cpu":
+        return False
+    from . import select_backend  # the dispatch module imports this one: resolved at call time
+
+    return select_backend(CENTER_FAMILY_OPERATION, x.device)[0] == "cpp"
+
+
 def _override(block_b: int, block_k: int, block_d: int):
     return None if min(block_b, block_k, block_d) <= 0 else (block_b, block_k, block_d)
 
@@ -110,6 +130,8 @@ def _no_context(ctx, inputs, output):
 def center_sq_distances(
     x: Tensor, centers: Tensor, out_dtype: torch.dtype, tf32: bool, block_b: int, block_k: int, block_d: int
 ) -> Tensor:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d)
     return _kernels.sq_distances(x, centers, out_dtype, tf32, _override(block_b, block_k, block_d))
 
 
@@ -122,6 +144,8 @@ def _(x, centers, out_dtype, tf32, block_b, block_k, block_d):
 def center_sq_distances_bwd(
     grad: Tensor, x: Tensor, centers: Tensor, tf32: bool, block_b: int, block_k: int, block_d: int
 ) -> Tensor:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_center_sq_distances_bwd(grad, x, centers, tf32, block_b, block_k, block_d)
     return _kernels.sq_distances_grad(grad, x, centers, tf32, _override(block_b, block_k, block_d))
 
 
@@ -170,6 +194,10 @@ def center_loss_fwd(
     block_k: int,
     block_d: int,
 ) -> tuple[Tensor, Tensor]:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_center_loss_fwd(
+            x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d
+        )
     return _kernels.loss_forward(
         x, centers, targets, margin, kind, (p0, p1, p2, p3), tf32, _override(block_b, block_k, block_d)
     )
@@ -199,6 +227,10 @@ def center_loss_bwd(
     block_k: int,
     block_d: int,
 ) -> Tensor:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_center_loss_bwd(
+            grad_values, x, centers, targets, margin, stats, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d
+        )
     return _kernels.loss_backward(
         grad_values, x, centers, targets, margin, stats, kind, (p0, p1, p2, p3), tf32,
         _override(block_b, block_k, block_d),

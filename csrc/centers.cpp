@@ -1,0 +1,651 @@
+// The center family on the CPU: C++ implementations of oodkernels::center_sq_distances(_bwd) and
+// center_loss_fwd / center_loss_bwd (schemas and semantics: oodkernels/ops/center_ops.py; the math:
+// oodkernels/kernels/centers.py, whose docstring carries the formulas).
+//
+// Distances. The cross term is a GEMM through ATen (at::mm in fp32, fp64 for fp64 inputs; bf16/fp16
+// features and centers are upcast first, as the reference does); the norms are ATen's pow(2).sum(1) of the
+// same upcast tensors. A per-row pass (at::parallel_for over rows, at::vec over centers) then forms
+//
+//     raw_ik = (‖x_i‖² + ‖m_k‖²) − 2·(x·mᵀ)_ik,        d_ik = max(raw_ik, 0)
+//
+// in the reference's order, so the distances are bitwise the reference's wherever the GEMM is called on the
+// same operands (one chunk of rows). The loss ops call the GEMM on chunks of rows so that the (rows, K)
+// scratch of the cross term stays bounded (at most CHUNK_ELEMENTS accumulator values; `block_b` > 0 forces
+// the chunk, for tests); no (B, K, D) tensor exists anywhere, and the losses never write a (B, K) output in
+// the forward. CENTER needs only the target column: its raw_iy is one dot product per row, no GEMM.
+//
+// Each row then computes the criterion's term (forward: value and the stats [raw_y, S or lse(−d), T]) or
+// G = γ·∂ℓ/∂d masked by the clamp 1[raw >= 0] (backward), exactly as the Triton epilogues do; the backward
+// recomputes the raw row with the same chunking, so it sees bitwise the forward's distances.
+//
+// With `centers` absent, x is a (B, K) distance matrix (any float dtype, any strides): no clamp, and the
+// backward's G is the gradient of the distances themselves, in their dtype.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// criterion kinds (kernels/centers.py)
+constexpr int64_t CAC = 0;
+constexpr int64_t CENTER = 1;
+constexpr int64_t MCHAD = 2;
+constexpr int64_t N_STATS = 3;
+constexpr double CAC_EXPONENT_MAX = 50.0;
+constexpr double CENTER_CLAMP_MIN = 1e-12;
+constexpr double CENTER_CLAMP_MAX = 1e12;
+// 4M accumulator values (16 MiB in fp32) of cross-term scratch per GEMM chunk
+constexpr int64_t CHUNK_ELEMENTS = int64_t(1) << 22;
+
+at::ScalarType acc_of(const Tensor& x, const std::optional<Tensor>& centers) {
+  const bool fp64 = x.scalar_type() == at::kDouble || (centers.has_value() && centers->scalar_type() == at::kDouble);
+  return fp64 ? at::kDouble : at::kFloat;
+}
+
+void check_features(const Tensor& x, const Tensor& centers, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && centers.device().is_cpu(), "oodkernels::", op, ": expected CPU tensors");
+  TORCH_CHECK(
+      x.dim() == 2 && centers.dim() == 2 && x.size(1) == centers.size(1),
+      "oodkernels::",
+      op,
+      ": expected features (B, D) and centers (K, D), got ",
+      x.sizes(),
+      " and ",
+      centers.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(x.scalar_type()) && at::isFloatingType(centers.scalar_type()),
+      "oodkernels::",
+      op,
+      ": expected floating-point features and centers, got ",
+      x.scalar_type(),
+      " and ",
+      centers.scalar_type());
+}
+
+template <typename acc_t>
+inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
+}
+
+template <typename acc_t>
+inline acc_t hmax(const at::vec::Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
+}
+
+// The clamped-expansion geometry in ACC: upcast operands (views when already ACC), the norms, and the
+// row-chunked GEMM. The features' row norms and the center norms are ATen reductions of the upcast operands,
+// the reference's own expressions.
+template <typename acc_t>
+struct Geometry {
+  Tensor xa, ma, xn, mn;
+  int64_t B, K, D;
+
+  Geometry(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
+    xa = x.to(acc);
+    ma = centers.to(acc);
+    xn = xa.pow(2).sum(1).contiguous();
+    mn = ma.pow(2).sum(1).contiguous();
+    B = x.size(0);
+    K = centers.size(0);
+    D = x.size(1);
+  }
+
+  // rows [r0, r0 + n) of x·mᵀ, (n, K) contiguous, fresh (the caller may overwrite it)
+  Tensor cross(int64_t r0, int64_t n) const {
+    return at::mm(xa.narrow(0, r0, n), ma.t()).contiguous();
+  }
+
+  // raw_i· = (xn_i + mn_·) − 2·cross_i·, written over the cross row
+  void raw_row(int64_t i, acc_t* row) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const acc_t* MN = mn.const_data_ptr<acc_t>();
+    const Vec xi(xn.const_data_ptr<acc_t>()[i]);
+    const Vec two(acc_t(2));
+    int64_t c = 0;
+    for (; c + Vec::size() <= K; c += Vec::size()) {
+      ((xi + Vec::loadu(MN + c)) - two * Vec::loadu(row + c)).store(row + c);
+    }
+    const acc_t xs = xn.const_data_ptr<acc_t>()[i];
+    for (; c < K; ++c) row[c] = (xs + MN[c]) - acc_t(2) * row[c];
+  }
+};
+
+int64_t chunk_rows(int64_t block_b, int64_t K) {
+  return block_b > 0 ? block_b : std::max<int64_t>(1, CHUNK_ELEMENTS / std::max<int64_t>(K, 1));
+}
+
+int64_t grain(int64_t K, int64_t D = 0) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(K + D, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// distances
+// ---------------------------------------------------------------------------------------------
+
+Tensor cpu_center_sq_distances(
+    const Tensor& x,
+    const Tensor& centers,
+    at::ScalarType out_dtype,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  check_features(x, centers, "cpu_center_sq_distances");
+  const auto acc = acc_of(x, centers);
+  if (x.size(0) == 0 || centers.size(0) == 0) return at::empty({x.size(0), centers.size(0)}, x.options().dtype(out_dtype));
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances", [&] {
+    using acc_t = scalar_t;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Geometry<acc_t> g(x, centers, acc);
+    out = g.cross(0, g.B);  // the whole (B, K) output: one GEMM, then clamped in place
+    acc_t* O = out.mutable_data_ptr<acc_t>();
+    const int64_t K = g.K;
+    at::parallel_for(0, g.B, grain(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* row = O + i * K;
+        g.raw_row(i, row);
+        at::vec::map([](Vec v) { return at::vec::maximum(v, Vec(acc_t(0))); }, row, row, K);
+      }
+    });
+  });
+  return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
+}
+
+Tensor cpu_center_sq_distances_bwd(
+    const Tensor& grad,
+    const Tensor& x,
+    const Tensor& centers,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  check_features(x, centers, "cpu_center_sq_distances_bwd");
+  const auto acc = acc_of(x, centers);
+  const int64_t B = x.size(0), K = centers.size(0);
+  TORCH_CHECK(
+      grad.dim() == 2 && grad.size(0) == B && grad.size(1) == K,
+      "oodkernels::cpu_center_sq_distances_bwd: grad has shape ",
+      grad.sizes(),
+      ", expected (",
+      B,
+      ", ",
+      K,
+      ")");
+  if (B == 0 || K == 0) return at::empty({B, K}, x.options().dtype(acc));
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances_bwd", [&] {
+    using acc_t = scalar_t;
+    const Geometry<acc_t> g(x, centers, acc);
+    const Tensor go = grad.to(acc);  // any strides: read through them
+    const acc_t* GI = go.const_data_ptr<acc_t>();
+    const int64_t s0 = go.stride(0), s1 = go.stride(1);
+    out = g.cross(0, B);
+    acc_t* O = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* row = O + i * K;
+        g.raw_row(i, row);
+        // torch.clamp(min=0) passes the gradient where raw >= 0 (at exactly 0 too)
+        for (int64_t c = 0; c < K; ++c) row[c] = row[c] >= acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused losses
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct LossParams {
+  int64_t kind;
+  acc_t p0, w_c, w_n, w_o, m_sq;
+  int64_t K;
+  bool features;  // raw rows are clamped expansions (else given distances, no clamp)
+};
+
+struct Label {
+  bool is_id, is_ood, has_target;
+  int64_t y_safe;
+};
+
+inline Label classify(int64_t y, int64_t K) {
+  Label l;
+  l.is_id = y >= 0;
+  l.is_ood = y < 0;
+  l.has_target = l.is_id && y < K;
+  l.y_safe = l.has_target ? y : 0;
+  return l;
+}
+
+// (clamp(relu(d_y − r), 1e-12, 1e12) + (K − 1)·1e-12, whether the gradient passes); no target: K·1e-12
+template <typename acc_t>
+inline std::pair<acc_t, bool> center_term(acc_t d_y, acc_t radius, bool has_target, int64_t K) {
+  const acc_t lo = static_cast<acc_t>(CENTER_CLAMP_MIN), hi = static_cast<acc_t>(CENTER_CLAMP_MAX);
+  const acc_t t = d_y - radius;
+  const acc_t pulled = has_target ? std::min(std::max(t, lo), hi) : lo;
+  return {pulled + static_cast<acc_t>(K - 1) * lo, has_target && t >= lo && t <= hi};
+}
+
+template <typename acc_t>
+inline acc_t target_distance(acc_t raw_y, const Label& l, const LossParams<acc_t>& p) {
+  const acc_t d_y = p.features ? std::max(raw_y, acc_t(0)) : raw_y;
+  // a label >= K has no target column: NaN, as the reference's gather gives
+  return (l.is_id && !l.has_target) ? std::numeric_limits<acc_t>::quiet_NaN() : d_y;
+}
+
+// forward of one row from its raw distances `raw` (K values): (value, stat_1, T)
+template <typename acc_t>
+inline void forward_row(
+    const acc_t* raw, acc_t raw_y, const Label& l, const LossParams<acc_t>& p, acc_t* value, acc_t* s1, acc_t* s2) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t K = p.K;
+  const acc_t d_y = target_distance(raw_y, l, p);
+  const Vec zero(acc_t(0)), vk(static_cast<acc_t>(K));
+  auto dist = [&](int64_t c, int64_t n) {
+    const Vec r = Vec::loadu(raw + c, n);
+    return p.features ? at::vec::maximum(r, zero) : r;
+  };
+  *s1 = 0;
+  *s2 = 0;
+  if (p.kind == CAC) {
+    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX)), vy(static_cast<acc_t>(l.y_safe));
+    Vec s(acc_t(0)), t(acc_t(0));
+    for (int64_t c = 0; c < K; c += V) {
+      const int64_t n = std::min<int64_t>(V, K - c);
+      const Vec gap = vdy - dist(c, n);
+      const Vec col = Vec::arange(static_cast<acc_t>(c), acc_t(1));
+      const Vec e = at::vec::minimum(gap, cap).exp() & (col != vy) & (col < vk);  // the tuplet sum is over c ≠ y
+      s = s + e;
+      t = t + (e & (gap <= cap));  // torch.clamp passes the gradient at the bound
+    }
+    *s1 = hsum(s);
+    *s2 = hsum(t);
+    *value = l.is_id ? p.p0 * d_y + std::log1p(*s1) : acc_t(0);
+  } else if (p.kind == CENTER) {
+    *value = l.is_id ? center_term(d_y, p.p0, l.has_target, K).first : acc_t(0);
+  } else {
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    // lse(−d) in two passes over the row (it is in L1), and the OOD push Σ relu(m² − d²)
+    Vec vmax(neg_inf), push(acc_t(0));
+    const Vec msq(p.m_sq);
+    for (int64_t c = 0; c < K; c += V) {
+      const int64_t n = std::min<int64_t>(V, K - c);
+      const Vec d = dist(c, n);
+      const Vec valid = Vec::arange(static_cast<acc_t>(c), acc_t(1)) < vk;
+      vmax = at::vec::maximum(vmax, Vec::blendv(Vec(neg_inf), zero - d, valid));
+      push = push + (at::vec::maximum(msq - d * d, zero) & valid);
+    }
+    const acc_t mx = hmax(vmax);
+    const Vec shift(mx == neg_inf ? acc_t(0) : mx);
+    Vec sum(acc_t(0));
+    for (int64_t c = 0; c < K; c += V) {
+      const int64_t n = std::min<int64_t>(V, K - c);
+      const Vec valid = Vec::arange(static_cast<acc_t>(c), acc_t(1)) < vk;
+      sum = sum + ((zero - dist(c, n) - shift).exp() & valid);
+    }
+    const acc_t lse = mx + std::log(hsum(sum));
+    *s1 = lse;
+    const acc_t center = center_term(d_y, p.p0, l.has_target, K).first;
+    const acc_t value_id = p.w_c * (center / static_cast<acc_t>(K)) + p.w_n * (lse + d_y);
+    *value = l.is_id ? value_id : (l.is_ood ? p.w_o * hsum(push) : acc_t(0));
+  }
+}
+
+// backward of one row: G_i· = γ·∂ℓ/∂d (clamp-masked), written into `out` (K values, ACC)
+template <typename acc_t>
+inline void backward_row(
+    const acc_t* raw,
+    acc_t gamma,
+    acc_t raw_y,
+    acc_t stat_1,
+    acc_t t_cac,
+    const Label& l,
+    const LossParams<acc_t>& p,
+    acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t K = p.K;
+  const acc_t d_y = target_distance(raw_y, l, p);
+  const bool pass_y = l.has_target && (!p.features || raw_y >= acc_t(0));
+  const Vec zero(acc_t(0));
+  // tile term (every column, masked by the clamp), then the target column's term, then γ
+  acc_t target = 0;
+  if (p.kind == CAC) {
+    const acc_t one_plus_s = acc_t(1) + stat_1;
+    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX)), vy(static_cast<acc_t>(l.y_safe));
+    for (int64_t c = 0; c < K; c += V) {
+      const int64_t n = std::min<int64_t>(V, K - c);
+      const Vec r = Vec::loadu(raw + c, n);
+      const Vec d = p.features ? at::vec::maximum(r, zero) : r;
+      const Vec gap = vdy - d;
+      const Vec col = Vec::arange(static_cast<acc_t>(c), acc_t(1));
+      Vec mask = (col != vy) & (gap <= cap);
+      if (p.features) mask = mask & (r >= zero);
+      // −e/(1 + S) as a division, rounded as the Triton epilogue rounds it
+      const Vec e = at::vec::minimum(gap, cap).exp();
+      const Vec term = l.is_id ? (zero - e) / Vec(one_plus_s) : zero;
+      (term & mask).store(out + c, n);
+    }
+    target = l.is_id ? p.p0 + t_cac / one_plus_s : acc_t(0);
+  } else if (p.kind == CENTER) {
+    std::fill(out, out + K, acc_t(0));
+    target = (l.is_id && center_term(d_y, p.p0, l.has_target, K).second) ? acc_t(1) : acc_t(0);
+  } else {
+    const Vec vlse(stat_1), msq(p.m_sq), wn(p.w_n), wo2(acc_t(2) * p.w_o);
+    for (int64_t c = 0; c < K; c += V) {
+      const int64_t n = std::min<int64_t>(V, K - c);
+      const Vec r = Vec::loadu(raw + c, n);
+      const Vec d = p.features ? at::vec::maximum(r, zero) : r;
+      Vec term = zero;
+      if (l.is_id) {
+        term = zero - wn * (zero - d - vlse).exp();
+      } else if (l.is_ood) {
+        // w_o·(−2d)·1[m² − d² > 0]
+        term = (zero - wo2 * d) & ((msq - d * d) > zero);
+      }
+      if (p.features) term = term & (r >= zero);
+      term.store(out + c, n);
+    }
+    const bool passes = center_term(d_y, p.p0, l.has_target, K).second;
+    target = l.is_id ? p.w_n + p.w_c * (passes ? acc_t(1) : acc_t(0)) / static_cast<acc_t>(K) : acc_t(0);
+  }
+  if (pass_y) out[l.y_safe] = out[l.y_safe] + target;
+  at::vec::map([gamma](Vec v) { return Vec(gamma) * v; }, out, out, K);
+}
+
+void check_kind(int64_t kind, const char* op) {
+  TORCH_CHECK(
+      kind == CAC || kind == CENTER || kind == MCHAD,
+      "oodkernels::",
+      op,
+      ": center kind ",
+      kind,
+      " is not implemented by the C++ backend (it knows 0 CAC, 1 Center, 2 MCHAD)");
+}
+
+struct LossInputs {
+  bool features;
+  int64_t B, K;
+  at::ScalarType acc;
+  Tensor y;  // int64 labels
+};
+
+LossInputs loss_inputs(
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    int64_t kind,
+    const char* op) {
+  check_kind(kind, op);
+  LossInputs in;
+  in.features = centers.has_value();
+  if (in.features) {
+    check_features(x, *centers, op);
+  } else {
+    TORCH_CHECK(
+        x.device().is_cpu() && x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+        "oodkernels::",
+        op,
+        ": expected a floating-point CPU distance matrix (B, K), got ",
+        x.sizes(),
+        " ",
+        x.scalar_type());
+  }
+  in.B = x.size(0);
+  in.K = in.features ? centers->size(0) : x.size(1);
+  in.acc = acc_of(x, centers);
+  TORCH_CHECK(
+      targets.dim() == 1 && targets.size(0) == in.B && !at::isFloatingType(targets.scalar_type()),
+      "oodkernels::",
+      op,
+      ": expected integer targets of shape (",
+      in.B,
+      "), got ",
+      targets.sizes(),
+      " ",
+      targets.scalar_type());
+  TORCH_CHECK(
+      kind != MCHAD || (margin.has_value() && margin->numel() >= 1),
+      "oodkernels::",
+      op,
+      ": MCHAD needs a one-element margin tensor");
+  in.y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
+  return in;
+}
+
+template <typename acc_t>
+LossParams<acc_t> loss_params(
+    const LossInputs& in, int64_t kind, double p0, double p1, double p2, double p3, const std::optional<Tensor>& margin) {
+  LossParams<acc_t> p;
+  p.kind = kind;
+  // scalars rounded once to ACC at entry, as the Triton kernels do
+  p.p0 = static_cast<acc_t>(p0);
+  p.w_c = static_cast<acc_t>(p1);
+  p.w_n = static_cast<acc_t>(p2);
+  p.w_o = static_cast<acc_t>(p3);
+  p.m_sq = 0;
+  if (kind == MCHAD) {
+    const acc_t m = margin->reshape({-1}).to(in.acc).const_data_ptr<acc_t>()[0];  // a CPU read, no device sync
+    p.m_sq = m * m;
+  }
+  p.K = in.K;
+  p.features = in.features;
+  return p;
+}
+
+// Visit every row's raw distances: fn(i, raw_row) in at::parallel_for, rows chunked so that the GEMM scratch
+// stays bounded. CENTER reads only the target column: `full_rows = false` skips the GEMM and hands fn a null row.
+template <typename acc_t, typename Fn>
+void for_each_raw_row(
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const LossInputs& in,
+    int64_t block_b,
+    bool full_rows,
+    Fn fn) {
+  const int64_t B = in.B, K = in.K;
+  if (in.features) {
+    const Geometry<acc_t> g(x, *centers, in.acc);
+    if (!full_rows) {
+      at::parallel_for(0, B, grain(0, g.D), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) fn(i, static_cast<const acc_t*>(nullptr), &g);
+      });
+      return;
+    }
+    const int64_t rows = chunk_rows(block_b, K);
+    for (int64_t r0 = 0; r0 < B; r0 += rows) {
+      const int64_t n = std::min(rows, B - r0);
+      Tensor cross = g.cross(r0, n);
+      acc_t* C = cross.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, n, grain(K), [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          acc_t* row = C + j * K;
+          g.raw_row(r0 + j, row);
+          fn(r0 + j, static_cast<const acc_t*>(row), &g);
+        }
+      });
+    }
+  } else {
+    // a distance matrix of any dtype and strides: one ACC row buffer per thread (never written back)
+    const Tensor xd = x.to(in.acc);
+    const acc_t* X = xd.const_data_ptr<acc_t>();
+    const int64_t s0 = xd.stride(0), s1 = xd.stride(1);
+    at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(std::max<int64_t>(K, 1));
+      for (int64_t i = begin; i < end; ++i) {
+        if (s1 == 1) {
+          std::copy(X + i * s0, X + i * s0 + K, buf.data());
+        } else {
+          for (int64_t c = 0; c < K; ++c) buf[c] = X[i * s0 + c * s1];
+        }
+        fn(i, static_cast<const acc_t*>(buf.data()), static_cast<const Geometry<acc_t>*>(nullptr));
+      }
+    });
+  }
+}
+
+// raw_iy of one row: from its raw row, else (CENTER) one dot product ‖x_i‖² + ‖m_y‖² − 2·x_i·m_y;
+// a row without a target column keeps ‖x_i‖² (features) or 0 (distances), as the Triton prologue does
+template <typename acc_t>
+acc_t raw_target(int64_t i, const acc_t* raw, const Geometry<acc_t>* g, const Label& l) {
+  if (raw != nullptr) {
+    if (l.has_target) return raw[l.y_safe];
+    return g != nullptr ? g->xn.template const_data_ptr<acc_t>()[i] : acc_t(0);
+  }
+  const acc_t xn = g->xn.template const_data_ptr<acc_t>()[i];
+  if (!l.has_target) return xn;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t D = g->D;
+  const acc_t* XA = g->xa.template const_data_ptr<acc_t>();
+  const acc_t* MA = g->ma.template const_data_ptr<acc_t>();
+  const int64_t sx0 = g->xa.stride(0), sx1 = g->xa.stride(1), sm0 = g->ma.stride(0), sm1 = g->ma.stride(1);
+  acc_t dot = 0;
+  if (sx1 == 1 && sm1 == 1 && D > 0) {
+    dot = at::vec::map2_reduce_all<acc_t>(
+        [](Vec a, Vec b) { return a * b; },
+        [](Vec a, Vec b) { return a + b; },
+        XA + i * sx0,
+        MA + l.y_safe * sm0,
+        D);
+  } else {
+    for (int64_t d = 0; d < D; ++d) dot += XA[i * sx0 + d * sx1] * MA[l.y_safe * sm0 + d * sm1];
+  }
+  return (xn + g->mn.template const_data_ptr<acc_t>()[l.y_safe]) - acc_t(2) * dot;
+}
+
+std::tuple<Tensor, Tensor> cpu_center_loss_fwd(
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    int64_t kind,
+    double p0,
+    double p1,
+    double p2,
+    double p3,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  const LossInputs in = loss_inputs(x, centers, targets, margin, kind, "cpu_center_loss_fwd");
+  Tensor values = at::empty({in.B}, x.options().dtype(in.acc));
+  Tensor stats = at::empty({N_STATS, in.B}, x.options().dtype(in.acc));
+  if (in.B == 0) return {values, stats};
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "cpu_center_loss_fwd", [&] {
+    using acc_t = scalar_t;
+    const LossParams<acc_t> p = loss_params<acc_t>(in, kind, p0, p1, p2, p3, margin);
+    const int64_t* Y = in.y.const_data_ptr<int64_t>();
+    const int64_t sy = in.y.stride(0), B = in.B;
+    acc_t* Vl = values.mutable_data_ptr<acc_t>();
+    acc_t* S = stats.mutable_data_ptr<acc_t>();
+    for_each_raw_row<acc_t>(x, centers, in, block_b, kind != CENTER, [&](int64_t i, const acc_t* raw, auto g) {
+      const Label l = classify(Y[i * sy], in.K);
+      const acc_t raw_y = raw_target<acc_t>(i, raw, g, l);
+      acc_t value, s1, s2;
+      forward_row<acc_t>(raw, raw_y, l, p, &value, &s1, &s2);
+      Vl[i] = value;
+      S[i] = raw_y;
+      S[B + i] = s1;
+      S[2 * B + i] = s2;
+    });
+  });
+  return {values, stats};
+}
+
+Tensor cpu_center_loss_bwd(
+    const Tensor& grad_values,
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    const Tensor& stats,
+    int64_t kind,
+    double p0,
+    double p1,
+    double p2,
+    double p3,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  const LossInputs in = loss_inputs(x, centers, targets, margin, kind, "cpu_center_loss_bwd");
+  TORCH_CHECK(
+      stats.dim() == 2 && stats.size(0) == N_STATS && stats.size(1) == in.B,
+      "oodkernels::cpu_center_loss_bwd: stats have shape ",
+      stats.sizes(),
+      ", expected (3, ",
+      in.B,
+      ")");
+  TORCH_CHECK(
+      grad_values.numel() == in.B,
+      "oodkernels::cpu_center_loss_bwd: grad_values has ",
+      grad_values.numel(),
+      " elements, expected ",
+      in.B);
+  const int64_t B = in.B, K = in.K;
+  Tensor grad = at::empty({B, K}, x.options().dtype(in.acc));
+  if (B == 0 || K == 0) return in.features ? grad : grad.to(x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "cpu_center_loss_bwd", [&] {
+    using acc_t = scalar_t;
+    const LossParams<acc_t> p = loss_params<acc_t>(in, kind, p0, p1, p2, p3, margin);
+    const int64_t* Y = in.y.const_data_ptr<int64_t>();
+    const int64_t sy = in.y.stride(0);
+    const Tensor st = stats.to(in.acc).contiguous();
+    const acc_t* S = st.const_data_ptr<acc_t>();
+    const Tensor gv = grad_values.to(in.acc);
+    const acc_t* GV = gv.const_data_ptr<acc_t>();
+    const int64_t sg = gv.dim() ? gv.stride(0) : 0;
+    acc_t* G = grad.mutable_data_ptr<acc_t>();
+    // CENTER's G lives in the target column alone: no distance row is needed (and no GEMM)
+    for_each_raw_row<acc_t>(x, centers, in, block_b, kind != CENTER, [&](int64_t i, const acc_t* raw, auto g) {
+      const Label l = classify(Y[i * sy], K);
+      backward_row<acc_t>(raw, GV[i * sg], S[i], S[B + i], S[2 * B + i], l, p, G + i * K);
+    });
+  });
+  return in.features ? grad : grad.to(x.scalar_type());
+}
+
+}  // namespace
+
+// The public schemas are the Python custom ops (oodkernels/ops/center_ops.py), which dispatch here for CPU
+// tensors; these implementation ops take the same arguments (tf32 and block_k/block_d are accepted and
+// unused on the CPU; block_b > 0 sets the rows per GEMM chunk of the loss ops).
+TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
+  m.def(
+      "cpu_center_sq_distances(Tensor x, Tensor centers, ScalarType out_dtype, bool tf32, int block_b, "
+      "int block_k, int block_d) -> Tensor");
+  m.def(
+      "cpu_center_sq_distances_bwd(Tensor grad, Tensor x, Tensor centers, bool tf32, int block_b, int block_k, "
+      "int block_d) -> Tensor");
+  m.def(
+      "cpu_center_loss_fwd(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "
+      "float p1, float p2, float p3, bool tf32, int block_b, int block_k, int block_d) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_center_loss_bwd(Tensor grad_values, Tensor x, Tensor? centers, Tensor targets, Tensor? margin, "
+      "Tensor stats, int kind, float p0, float p1, float p2, float p3, bool tf32, int block_b, int block_k, "
+      "int block_d) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
+  m.impl("cpu_center_sq_distances", &cpu_center_sq_distances);
+  m.impl("cpu_center_sq_distances_bwd", &cpu_center_sq_distances_bwd);
+  m.impl("cpu_center_loss_fwd", &cpu_center_loss_fwd);
+  m.impl("cpu_center_loss_bwd", &cpu_center_loss_bwd);
+}
