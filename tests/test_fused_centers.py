@@ -58,14 +58,18 @@ def _labels(pattern, n=B, k=K):
     return testing.make_targets((n,), k, pattern, device=DEVICE)
 
 
+def _fresh_leaf(t):
+    """A new leaf with ``t``'s values, requires_grad flag and strides (a clone would make a slice contiguous)."""
+    leaf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    leaf.copy_(t.detach())
+    assert leaf.stride() == t.stride()
+    return leaf.requires_grad_(t.requires_grad)
+
+
 def _run(backend, monkeypatch, fn, inputs, grad_output=None, blocks=SMALL):
     """Value and gradients of ``fn(*inputs)`` on ``backend``; float inputs that require grad are fresh leaves."""
     _backend(monkeypatch, backend)
-    leaves = [
-        t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
-        else t
-        for t in inputs
-    ]  # fmt: skip
+    leaves = [_fresh_leaf(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
     with center_ops.forced_blocks(*blocks):
         value = fn(*leaves)
     grads = []
@@ -430,7 +434,7 @@ def test_gradcheck_fp64_every_op(fused):
             assert torch.autograd.gradcheck(distances_op, (dist,), fast_mode=True)
 
 
-def test_opcheck_center_ops():
+def test_opcheck_center_ops(fused):
     from torch.library import opcheck
 
     x = _features(6, 5).t().contiguous().t()  # transposed rows
