@@ -35,7 +35,8 @@ Backends (``--backend``, default ``triton``): without a CUDA device the fused ke
 interpreter (``TRITON_INTERPRET=1``). Triton reads that variable when a kernel is *defined*, and
 ``python -m oodkernels.demo`` imports the package (and so defines the kernels) before this module runs,
 so when the variable was not set at start-up the demo runs itself again in a child process with it set.
-Interpreted timings are a correctness run, not a performance measurement.
+Interpreted timings are a correctness run, not a performance measurement. ``--backend cpp`` trains the
+fused run with the C++ CPU kernels of ``csrc/`` instead (real CPU timings).
 """
 
 from __future__ import annotations
@@ -352,9 +353,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=LOSSES, default="EnergyRegularizedLoss", help="the criterion to train with")
     parser.add_argument(
         "--backend",
-        choices=("auto", "triton", "reference"),
+        choices=("auto", "triton", "cpp", "reference"),
         default="triton",
-        help="OODKERNELS_BACKEND of the fused run (default triton: the Triton kernels, interpreted without CUDA)",
+        help="OODKERNELS_BACKEND of the fused run (default triton: the Triton kernels, interpreted without CUDA; "
+        "cpp: the C++ CPU kernels)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per batch, ID and OE mixed")

@@ -162,6 +162,18 @@ def test_demo_runs_the_interpreted_triton_kernels(capsys):
     assert "OK: the fused and the reference run agree" in out
 
 
+def test_demo_runs_the_cpp_kernels(capsys):
+    from oodkernels import _cpp
+
+    if not _cpp.available():
+        pytest.skip(f"the C++ extension is unavailable: {_cpp.status()}")
+    assert demo.main(["--epochs", "1", "--loss", "OutlierExposureLoss", "--backend", "cpp", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "oodkernels.loss.OutlierExposureLoss -> backend cpp;" in out
+    assert "fused [cpp]" in out
+    assert "OK: the fused and the reference run agree" in out
+
+
 def test_demo_fails_loudly_when_the_runs_disagree(capsys, monkeypatch):
     monkeypatch.setitem(demo.TOLERANCES, "loss_rel", -1.0)  # every loss difference now exceeds it
     assert demo.main(["--epochs", "1", "--backend", "reference", "--quiet"]) == 1
