@@ -411,8 +411,15 @@ constexpr int64_t tile_chunk() {
 // online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes). Per chunk of
 // classes, a max pass (m, j*, Σv, NaN) that caches v in L1, then one exp per element (d, d_w, E[x]),
 // the previous chunks' sums rescaled once per chunk
+// the tile's statistics as lane arrays (structure of arrays, what the vectorised epilogues read)
+template <typename acc_t>
+struct TileLanes {
+  static constexpr int64_t T = tile_size<acc_t>();
+  alignas(64) acc_t m[T], d[T], sum_v[T], arg[T], nan[T], dw[T], ev[T];
+};
+
 template <typename scalar_t, typename acc_t>
-void tile_stats(
+void tile_lanes(
     const scalar_t* X,
     const int64_t* base,
     bool contiguous,
@@ -422,8 +429,8 @@ void tile_stats(
     const acc_t* mult,
     bool has_mult,
     int64_t chunk,
-    Stats<acc_t>* out,
-    const Extras<acc_t>& ex = Extras<acc_t>()) {
+    TileLanes<acc_t>& out,
+    const Extras<acc_t>& ex) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t T = tile_size<acc_t>();
@@ -485,24 +492,41 @@ void tile_stats(
       }
     }
   }
-  alignas(64) acc_t lm[T], ld[T], ls[T], la[T], ln[T], lw[T], le[T];
   for (int64_t j = 0; j < NV; ++j) {
-    m[j].store(lm + j * V);
-    d[j].store(ld + j * V);
-    sum_v[j].store(ls + j * V);
-    arg[j].store(la + j * V);
-    nan[j].store(ln + j * V);
-    dw[j].store(lw + j * V);
-    ev[j].store(le + j * V);
+    m[j].store(out.m + j * V);
+    d[j].store(out.d + j * V);
+    sum_v[j].store(out.sum_v + j * V);
+    arg[j].store(out.arg + j * V);
+    nan[j].store(out.nan + j * V);
+    dw[j].store(out.dw + j * V);
+    ev[j].store(out.ev + j * V);
   }
+}
+
+// tile_lanes, one Stats per entry (the scalar epilogues)
+template <typename scalar_t, typename acc_t>
+void tile_stats(
+    const scalar_t* X,
+    const int64_t* base,
+    bool contiguous,
+    int64_t count,
+    int64_t n_classes,
+    int64_t s_class,
+    const acc_t* mult,
+    bool has_mult,
+    int64_t chunk,
+    Stats<acc_t>* out,
+    const Extras<acc_t>& ex = Extras<acc_t>()) {
+  TileLanes<acc_t> l;
+  tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, n_classes, s_class, mult, has_mult, chunk, l, ex);
   for (int64_t k = 0; k < count; ++k) {
-    out[k].m = lm[k];
-    out[k].d = ld[k];
-    out[k].sum_v = ls[k];
-    out[k].j_star = static_cast<int64_t>(la[k]);
-    out[k].has_nan = ln[k] != 0;
-    out[k].d_w = lw[k];
-    out[k].expect = le[k];
+    out[k].m = l.m[k];
+    out[k].d = l.d[k];
+    out[k].sum_v = l.sum_v[k];
+    out[k].j_star = static_cast<int64_t>(l.arg[k]);
+    out[k].has_nan = l.nan[k] != 0;
+    out[k].d_w = l.dw[k];
+    out[k].expect = l.ev[k];
   }
 }
 
@@ -579,6 +603,69 @@ struct RowKernel {
     if (energy != nullptr) energy[r] = wr != nullptr ? -(s.m + std::log(s.d_w)) : -(s.m + log_d);
   }
 
+  // the kinds whose tile epilogues run vectorised over the lanes (ω = 1 without a cost matrix, no LogitNorm
+  // scale); the others take the scalar `coefficients` path entry by entry
+  bool vector_epilogue() const {
+    return p.cost == nullptr && (p.kind == CROSS_ENTROPY || p.kind == OUTLIER_EXPOSURE || p.kind == ENERGY);
+  }
+
+  // `finish` of a tile's entries r0 .. r0+count-1 at once (vector_epilogue kinds): the same formulas as
+  // `coefficients`, lane by lane; labels, v_y and the logs are scalar (std::log, as `finish`)
+  void finish_tile(int64_t r0, int64_t count, const int64_t* base, const int64_t* ybase, const TileLanes<acc_t>& s,
+                   acc_t* loss, acc_t* stats) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    constexpr int64_t T = tile_size<acc_t>();
+    const int64_t R = xv.n_rows;
+    const bool weighted_energy = energy != nullptr && wr != nullptr;
+    alignas(64) acc_t is_id[T], is_ood[T], invalid[T], v_y[T], log_d[T], log_dw[T];
+    for (int64_t k = 0; k < T; ++k) {
+      if (k < count) {
+        const Label l = classify(y.data[ybase[k]], p);
+        is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
+        is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
+        invalid[k] = l.invalid ? acc_t(1) : acc_t(0);
+        v_y[k] = l.y >= 0 ? load<scalar_t, acc_t>(X, base[k] + l.y * xv.s_class) : acc_t(0);
+        log_d[k] = std::log(s.d[k]);
+        log_dw[k] = weighted_energy ? std::log(s.dw[k]) : acc_t(0);
+      } else {
+        is_id[k] = is_ood[k] = invalid[k] = v_y[k] = log_d[k] = log_dw[k] = 0;
+      }
+    }
+    const Vec zero(acc_t(0)), vnan(std::numeric_limits<acc_t>::quiet_NaN());
+    const Vec valpha(p.alpha), vm_in(p.m_in), vm_out(p.m_out), vC(static_cast<acc_t>(p.n_classes));
+    alignas(64) acc_t lo[T], sm[T], en[T];
+    for (int64_t o = 0; o < T; o += V) {
+      const Vec m = Vec::blendv(Vec::loadu(s.m + o), vnan, Vec::loadu(s.nan + o) != zero);
+      const Vec ld = Vec::loadu(log_d + o);
+      const Vec lse = m + ld;
+      Vec loss_id = (m - Vec::loadu(v_y + o)) + ld;
+      Vec loss_ood = zero;
+      if (p.kind == OUTLIER_EXPOSURE) {
+        loss_ood = valpha * (lse - Vec::loadu(s.sum_v + o) / vC);
+      } else if (p.kind == ENERGY) {
+        const Vec h_in = at::vec::maximum(lse.neg() - vm_in, zero);
+        loss_id = loss_id + valpha * h_in * h_in;
+        const Vec h_out = at::vec::maximum(vm_out + lse, zero);
+        loss_ood = valpha * h_out * h_out;
+      }
+      Vec value = Vec::blendv(Vec::blendv(zero, loss_ood, Vec::loadu(is_ood + o) != zero), loss_id,
+                              Vec::loadu(is_id + o) != zero);
+      value = Vec::blendv(value, vnan, Vec::loadu(invalid + o) != zero);
+      value.store(lo + o);
+      m.store(sm + o);
+      // E = −lse, or the max-subtracted weighted energy −(m + ln d_w) (fix g)
+      if (energy != nullptr) (weighted_energy ? m + Vec::loadu(log_dw + o) : lse).neg().store(en + o);
+    }
+    std::copy(lo, lo + count, loss + r0);
+    std::copy(sm, sm + count, stats + r0);
+    std::copy(log_d, log_d + count, stats + R + r0);
+    std::copy(s.arg, s.arg + count, stats + 2 * R + r0);
+    std::fill(stats + 3 * R + r0, stats + 3 * R + r0 + count, acc_t(0));
+    std::fill(stats + 4 * R + r0, stats + 4 * R + r0 + count, acc_t(0));
+    if (energy != nullptr) std::copy(en, en + count, energy + r0);
+  }
+
   acc_t mult_of(acc_t norm_r) const {
     return p.kind == LOGIT_NORM ? acc_t(1) / (p.alpha * (norm_r + acc_t(LOGIT_NORM_EPS))) : acc_t(1);
   }
@@ -605,6 +692,8 @@ struct RowKernel {
       int64_t base[T], ybase[T];
       acc_t mult[T], norms[T];
       Stats<acc_t> s[T];
+      TileLanes<acc_t> lanes;
+      const bool vec = vector_epilogue();
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = t * T, count = std::min(T, R - r0);
         bool contiguous = true;
@@ -616,6 +705,11 @@ struct RowKernel {
           mult[k] = mult_of(norms[k]);
         }
         for (int64_t k = count; k < T; ++k) mult[k] = 1;
+        if (vec) {
+          tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, false, chunk, lanes, ex);
+          finish_tile(r0, count, base, ybase, lanes, loss, stats);
+          continue;
+        }
         tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, p.kind == LOGIT_NORM, chunk, s, ex);
         for (int64_t k = 0; k < count; ++k) {
           finish(r0 + k, y.data[ybase[k]], base[k], s[k], mult[k], norms[k], loss, stats);
