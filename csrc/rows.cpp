@@ -770,6 +770,59 @@ struct RowKernel {
     return g;
   }
 
+  // grad_coefficients of a tile's entries r0 .. r0+count-1 at once (vector_epilogue kinds: ω = 1, mult = 1,
+  // δ = 0, h = 0), the same formulas lane by lane; padding lanes get zero coefficients and no target
+  void tile_grad_coefficients(int64_t r0, int64_t count, const int64_t* ybase, const acc_t* stats, const acc_t* G,
+                              int64_t s_g, acc_t* a, acc_t* b, acc_t* cc, acc_t* lse, acc_t* nge, acc_t* en,
+                              int64_t* yk) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    constexpr int64_t T = tile_size<acc_t>();
+    const int64_t R = xv.n_rows;
+    alignas(64) acc_t is_id[T], is_ood[T], gamma[T], m[T], log_d[T];
+    for (int64_t k = 0; k < T; ++k) {
+      if (k < count) {
+        const Label l = classify(y.data[ybase[k]], p);
+        is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
+        is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
+        yk[k] = l.y;
+        gamma[k] = G[(r0 + k) * s_g];
+        m[k] = stats[r0 + k];
+        log_d[k] = stats[R + r0 + k];
+        nge[k] = GE != nullptr ? -GE[(r0 + k) * s_ge] : acc_t(0);
+        en[k] = GE != nullptr && wr != nullptr ? energy_in[r0 + k] : acc_t(0);
+      } else {
+        is_id[k] = is_ood[k] = gamma[k] = m[k] = log_d[k] = nge[k] = en[k] = 0;
+        yk[k] = -1;
+      }
+    }
+    const Vec zero(acc_t(0)), one(acc_t(1)), two(acc_t(2));
+    const Vec valpha(p.alpha), vm_in(p.m_in), vm_out(p.m_out), vC(static_cast<acc_t>(p.n_classes));
+    const bool fold_energy = GE != nullptr && wr == nullptr;
+    for (int64_t o = 0; o < T; o += V) {
+      const Vec l = Vec::loadu(m + o) + Vec::loadu(log_d + o);
+      const Vec id = Vec::loadu(is_id + o) != zero, ood = Vec::loadu(is_ood + o) != zero;
+      Vec a_id = one, a_ood = zero, c_ood = zero;
+      if (p.kind == OUTLIER_EXPOSURE) {
+        a_ood = valpha;
+        c_ood = valpha.neg();
+      } else if (p.kind == ENERGY) {
+        const Vec h_in = at::vec::maximum(l.neg() - vm_in, zero);
+        a_id = a_id - two * valpha * h_in;
+        const Vec h_out = at::vec::maximum(vm_out + l, zero);
+        a_ood = two * valpha * h_out;
+      }
+      const Vec g = Vec::loadu(gamma + o);
+      Vec va = g * Vec::blendv(Vec::blendv(zero, a_ood, ood), a_id, id);
+      // dE/dx = −p for E = −lse, folded into a (the weighted energy's term is applied per class)
+      if (fold_energy) va = va + Vec::loadu(nge + o);
+      va.store(a + o);
+      (g * Vec::blendv(zero, one.neg(), id)).store(b + o);
+      (g * Vec::blendv(zero, c_ood, ood) / vC).store(cc + o);
+      l.store(lse + o);
+    }
+  }
+
   // backward work is split into fixed blocks (rows, or tiles of T entries), independent of the thread
   // count, so the per-block partial sums of dL/dw add up in the same order on every run
   int64_t block_rows() const {
@@ -853,8 +906,9 @@ struct RowKernel {
     const int64_t tbk = block_tiles();
     at::parallel_for(0, (n_tiles + tbk - 1) / tbk, 1, [&](int64_t bb, int64_t be) {
       int64_t base[T], dbase[T], ybase[T];
-      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], nge[T], en[T], buf[T], out[T];
-      Grad g[T];
+      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], nge[T], en[T], buf[T], out[T], bk[T], hk[T];
+      int64_t yk[T], jk[T];
+      const bool vec = vector_epilogue();
       for (int64_t blk = bb; blk < be; ++blk) {
         acc_t* gwp = weighted ? gw_partial + blk * C : nullptr;
         for (int64_t t = blk * tbk; t < std::min(n_tiles, (blk + 1) * tbk); ++t) {
@@ -863,21 +917,34 @@ struct RowKernel {
           xv.offsets(r0, count, base);
           dv.offsets(r0, count, dbase);
           y.view.offsets(r0, count, ybase);
-          for (int64_t k = 0; k < T; ++k) {
-            if (k < count) {
-              contiguous = contiguous && base[k] == base[0] + k;
-              dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
-              g[k] = grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g);
-            } else {
-              g[k] = Grad{0, 0, 0, 0, 0, 1, 0, -1, -1, 0, 0};
+          for (int64_t k = 0; k < count; ++k) {
+            contiguous = contiguous && base[k] == base[0] + k;
+            dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
+          }
+          if (vec) {
+            tile_grad_coefficients(r0, count, ybase, stats, G, s_g, a, bk, cc, lse, nge, en, yk);
+            for (int64_t k = 0; k < T; ++k) {
+              mult[k] = 1;
+              delta[k] = 0;
+              hk[k] = k < count ? G[(r0 + k) * s_g] * acc_t(0) : acc_t(0);  // γ·h with h = 0, signed as before
+              jk[k] = k < count ? static_cast<int64_t>(stats[2 * R + r0 + k]) : -1;
             }
-            a[k] = g[k].a;
-            cc[k] = g[k].c;
-            mult[k] = g[k].mult;
-            lse[k] = g[k].lse;
-            delta[k] = g[k].delta;
-            nge[k] = -g[k].ge;
-            en[k] = g[k].energy;
+          } else {
+            for (int64_t k = 0; k < T; ++k) {
+              const Grad g = k < count ? grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g)
+                                       : Grad{0, 0, 0, 0, 0, 1, 0, -1, -1, 0, 0};
+              a[k] = g.a;
+              bk[k] = g.b;
+              cc[k] = g.c;
+              hk[k] = g.h;
+              mult[k] = g.mult;
+              lse[k] = g.lse;
+              delta[k] = g.delta;
+              nge[k] = -g.ge;
+              en[k] = g.energy;
+              yk[k] = g.y;
+              jk[k] = g.j_star;
+            }
           }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
@@ -893,8 +960,9 @@ struct RowKernel {
             Vec dq_sum(acc_t(0));
             for (int64_t j = 0; j < NV; ++j) {
               const Vec xs = Vec::loadu(x + j * V);
-              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)) +
-                  Vec::loadu(cc + j * V);
+              // mult = 1 except for LogitNorm (x·1 would be a multiply per element for nothing)
+              const Vec z = logit_norm ? xs * Vec::loadu(mult + j * V) : xs;
+              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(z - Vec::loadu(lse + j * V)) + Vec::loadu(cc + j * V);
               if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
               if (weighted) {
                 // padding lanes have γ_E = 0: their dq is 0
@@ -913,8 +981,8 @@ struct RowKernel {
             }
             if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
             for (int64_t k = 0; k < count; ++k) {
-              if (g[k].y == c) o[k] += g[k].b;
-              if (g[k].j_star == c) o[k] += g[k].h;
+              if (yk[k] == c) o[k] += bk[k];
+              if (jk[k] == c) o[k] += hk[k];
             }
             if (dcontiguous) {
               scalar_t* dst = D + dbase[0] + c * dv.s_class;
@@ -926,8 +994,8 @@ struct RowKernel {
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
             if (dcontiguous && count == T) {
               for (int64_t k = 0; k < count; ++k) {
-                if (g[k].y >= 0) D[dbase[k] + g[k].y * dv.s_class] += g[k].b;
-                if (g[k].j_star >= 0) D[dbase[k] + g[k].j_star * dv.s_class] += g[k].h;
+                if (yk[k] >= 0) D[dbase[k] + yk[k] * dv.s_class] += bk[k];
+                if (jk[k] >= 0) D[dbase[k] + jk[k] * dv.s_class] += hk[k];
               }
             }
           }
