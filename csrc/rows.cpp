@@ -468,8 +468,14 @@ void tile_lanes(
         sum_v[j] = sum_v[j] + v;
       }
     }
-    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf)
+    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf).
+    //    Without a NaN or a +inf max in the tile so far, v − shift is never NaN or +inf, and vexp's
+    //    pass-through of those is skipped (the same values: it would select nothing)
     Vec shift[NV];
+    Vec special(acc_t(0));
+    for (int64_t j = 0; j < NV; ++j) special = special | nan[j] | (m[j] == Vec(std::numeric_limits<acc_t>::infinity()));
+    bool plain_exp = false;
+    if constexpr (std::is_same_v<acc_t, float>) plain_exp = special.zero_mask() == (1 << V) - 1;
     for (int64_t j = 0; j < NV; ++j) {
       shift[j] = Vec::blendv(m[j], zero, m[j] == vneg_inf);
       const Vec rescale = vexp<acc_t>(m_old[j] - shift[j]);
@@ -484,7 +490,7 @@ void tile_lanes(
       for (int64_t j = 0; j < NV; ++j) {
         // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
         const Vec arg = Vec::loadu(slot + j * V) - shift[j];
-        const Vec p = ex.expect ? arg.exp() : vexp<acc_t>(arg);
+        const Vec p = ex.expect ? arg.exp() : (plain_exp ? arg.exp_u20() : vexp<acc_t>(arg));
         d[j] = d[j] + p;
         if (ex.wr != nullptr) dw[j] = dw[j] + p * Vec(ex.wr[c0 + i]);
         // select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
