@@ -411,8 +411,15 @@ constexpr int64_t tile_chunk() {
 // online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes). Per chunk of
 // classes, a max pass (m, j*, Σv, NaN) that caches v in L1, then one exp per element (d, d_w, E[x]),
 // the previous chunks' sums rescaled once per chunk
+// the tile's statistics as lane arrays (structure of arrays, what the vectorised epilogues read)
+template <typename acc_t>
+struct TileLanes {
+  static constexpr int64_t T = tile_size<acc_t>();
+  alignas(64) acc_t m[T], d[T], sum_v[T], arg[T], nan[T], dw[T], ev[T];
+};
+
 template <typename scalar_t, typename acc_t>
-void tile_stats(
+void tile_lanes(
     const scalar_t* X,
     const int64_t* base,
     bool contiguous,
@@ -422,8 +429,8 @@ void tile_stats(
     const acc_t* mult,
     bool has_mult,
     int64_t chunk,
-    Stats<acc_t>* out,
-    const Extras<acc_t>& ex = Extras<acc_t>()) {
+    TileLanes<acc_t>& out,
+    const Extras<acc_t>& ex) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t T = tile_size<acc_t>();
@@ -461,8 +468,14 @@ void tile_stats(
         sum_v[j] = sum_v[j] + v;
       }
     }
-    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf)
+    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf).
+    //    Without a NaN or a +inf max in the tile so far, v − shift is never NaN or +inf, and vexp's
+    //    pass-through of those is skipped (the same values: it would select nothing)
     Vec shift[NV];
+    Vec special(acc_t(0));
+    for (int64_t j = 0; j < NV; ++j) special = special | nan[j] | (m[j] == Vec(std::numeric_limits<acc_t>::infinity()));
+    bool plain_exp = false;
+    if constexpr (std::is_same_v<acc_t, float>) plain_exp = special.zero_mask() == (1 << V) - 1;
     for (int64_t j = 0; j < NV; ++j) {
       shift[j] = Vec::blendv(m[j], zero, m[j] == vneg_inf);
       const Vec rescale = vexp<acc_t>(m_old[j] - shift[j]);
@@ -477,7 +490,7 @@ void tile_stats(
       for (int64_t j = 0; j < NV; ++j) {
         // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
         const Vec arg = Vec::loadu(slot + j * V) - shift[j];
-        const Vec p = ex.expect ? arg.exp() : vexp<acc_t>(arg);
+        const Vec p = ex.expect ? arg.exp() : (plain_exp ? arg.exp_u20() : vexp<acc_t>(arg));
         d[j] = d[j] + p;
         if (ex.wr != nullptr) dw[j] = dw[j] + p * Vec(ex.wr[c0 + i]);
         // select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
@@ -485,24 +498,41 @@ void tile_stats(
       }
     }
   }
-  alignas(64) acc_t lm[T], ld[T], ls[T], la[T], ln[T], lw[T], le[T];
   for (int64_t j = 0; j < NV; ++j) {
-    m[j].store(lm + j * V);
-    d[j].store(ld + j * V);
-    sum_v[j].store(ls + j * V);
-    arg[j].store(la + j * V);
-    nan[j].store(ln + j * V);
-    dw[j].store(lw + j * V);
-    ev[j].store(le + j * V);
+    m[j].store(out.m + j * V);
+    d[j].store(out.d + j * V);
+    sum_v[j].store(out.sum_v + j * V);
+    arg[j].store(out.arg + j * V);
+    nan[j].store(out.nan + j * V);
+    dw[j].store(out.dw + j * V);
+    ev[j].store(out.ev + j * V);
   }
+}
+
+// tile_lanes, one Stats per entry (the scalar epilogues)
+template <typename scalar_t, typename acc_t>
+void tile_stats(
+    const scalar_t* X,
+    const int64_t* base,
+    bool contiguous,
+    int64_t count,
+    int64_t n_classes,
+    int64_t s_class,
+    const acc_t* mult,
+    bool has_mult,
+    int64_t chunk,
+    Stats<acc_t>* out,
+    const Extras<acc_t>& ex = Extras<acc_t>()) {
+  TileLanes<acc_t> l;
+  tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, n_classes, s_class, mult, has_mult, chunk, l, ex);
   for (int64_t k = 0; k < count; ++k) {
-    out[k].m = lm[k];
-    out[k].d = ld[k];
-    out[k].sum_v = ls[k];
-    out[k].j_star = static_cast<int64_t>(la[k]);
-    out[k].has_nan = ln[k] != 0;
-    out[k].d_w = lw[k];
-    out[k].expect = le[k];
+    out[k].m = l.m[k];
+    out[k].d = l.d[k];
+    out[k].sum_v = l.sum_v[k];
+    out[k].j_star = static_cast<int64_t>(l.arg[k]);
+    out[k].has_nan = l.nan[k] != 0;
+    out[k].d_w = l.dw[k];
+    out[k].expect = l.ev[k];
   }
 }
 
@@ -579,6 +609,69 @@ struct RowKernel {
     if (energy != nullptr) energy[r] = wr != nullptr ? -(s.m + std::log(s.d_w)) : -(s.m + log_d);
   }
 
+  // the kinds whose tile epilogues run vectorised over the lanes (ω = 1 without a cost matrix, no LogitNorm
+  // scale); the others take the scalar `coefficients` path entry by entry
+  bool vector_epilogue() const {
+    return p.cost == nullptr && (p.kind == CROSS_ENTROPY || p.kind == OUTLIER_EXPOSURE || p.kind == ENERGY);
+  }
+
+  // `finish` of a tile's entries r0 .. r0+count-1 at once (vector_epilogue kinds): the same formulas as
+  // `coefficients`, lane by lane; labels, v_y and the logs are scalar (std::log, as `finish`)
+  void finish_tile(int64_t r0, int64_t count, const int64_t* base, const int64_t* ybase, const TileLanes<acc_t>& s,
+                   acc_t* loss, acc_t* stats) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    constexpr int64_t T = tile_size<acc_t>();
+    const int64_t R = xv.n_rows;
+    const bool weighted_energy = energy != nullptr && wr != nullptr;
+    alignas(64) acc_t is_id[T], is_ood[T], invalid[T], v_y[T], log_d[T], log_dw[T];
+    for (int64_t k = 0; k < T; ++k) {
+      if (k < count) {
+        const Label l = classify(y.data[ybase[k]], p);
+        is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
+        is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
+        invalid[k] = l.invalid ? acc_t(1) : acc_t(0);
+        v_y[k] = l.y >= 0 ? load<scalar_t, acc_t>(X, base[k] + l.y * xv.s_class) : acc_t(0);
+        log_d[k] = std::log(s.d[k]);
+        log_dw[k] = weighted_energy ? std::log(s.dw[k]) : acc_t(0);
+      } else {
+        is_id[k] = is_ood[k] = invalid[k] = v_y[k] = log_d[k] = log_dw[k] = 0;
+      }
+    }
+    const Vec zero(acc_t(0)), vnan(std::numeric_limits<acc_t>::quiet_NaN());
+    const Vec valpha(p.alpha), vm_in(p.m_in), vm_out(p.m_out), vC(static_cast<acc_t>(p.n_classes));
+    alignas(64) acc_t lo[T], sm[T], en[T];
+    for (int64_t o = 0; o < T; o += V) {
+      const Vec m = Vec::blendv(Vec::loadu(s.m + o), vnan, Vec::loadu(s.nan + o) != zero);
+      const Vec ld = Vec::loadu(log_d + o);
+      const Vec lse = m + ld;
+      Vec loss_id = (m - Vec::loadu(v_y + o)) + ld;
+      Vec loss_ood = zero;
+      if (p.kind == OUTLIER_EXPOSURE) {
+        loss_ood = valpha * (lse - Vec::loadu(s.sum_v + o) / vC);
+      } else if (p.kind == ENERGY) {
+        const Vec h_in = at::vec::maximum(lse.neg() - vm_in, zero);
+        loss_id = loss_id + valpha * h_in * h_in;
+        const Vec h_out = at::vec::maximum(vm_out + lse, zero);
+        loss_ood = valpha * h_out * h_out;
+      }
+      Vec value = Vec::blendv(Vec::blendv(zero, loss_ood, Vec::loadu(is_ood + o) != zero), loss_id,
+                              Vec::loadu(is_id + o) != zero);
+      value = Vec::blendv(value, vnan, Vec::loadu(invalid + o) != zero);
+      value.store(lo + o);
+      m.store(sm + o);
+      // E = −lse, or the max-subtracted weighted energy −(m + ln d_w) (fix g)
+      if (energy != nullptr) (weighted_energy ? m + Vec::loadu(log_dw + o) : lse).neg().store(en + o);
+    }
+    std::copy(lo, lo + count, loss + r0);
+    std::copy(sm, sm + count, stats + r0);
+    std::copy(log_d, log_d + count, stats + R + r0);
+    std::copy(s.arg, s.arg + count, stats + 2 * R + r0);
+    std::fill(stats + 3 * R + r0, stats + 3 * R + r0 + count, acc_t(0));
+    std::fill(stats + 4 * R + r0, stats + 4 * R + r0 + count, acc_t(0));
+    if (energy != nullptr) std::copy(en, en + count, energy + r0);
+  }
+
   acc_t mult_of(acc_t norm_r) const {
     return p.kind == LOGIT_NORM ? acc_t(1) / (p.alpha * (norm_r + acc_t(LOGIT_NORM_EPS))) : acc_t(1);
   }
@@ -605,6 +698,8 @@ struct RowKernel {
       int64_t base[T], ybase[T];
       acc_t mult[T], norms[T];
       Stats<acc_t> s[T];
+      TileLanes<acc_t> lanes;
+      const bool vec = vector_epilogue();
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = t * T, count = std::min(T, R - r0);
         bool contiguous = true;
@@ -616,6 +711,11 @@ struct RowKernel {
           mult[k] = mult_of(norms[k]);
         }
         for (int64_t k = count; k < T; ++k) mult[k] = 1;
+        if (vec) {
+          tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, false, chunk, lanes, ex);
+          finish_tile(r0, count, base, ybase, lanes, loss, stats);
+          continue;
+        }
         tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, p.kind == LOGIT_NORM, chunk, s, ex);
         for (int64_t k = 0; k < count; ++k) {
           finish(r0 + k, y.data[ybase[k]], base[k], s[k], mult[k], norms[k], loss, stats);
@@ -674,6 +774,59 @@ struct RowKernel {
       }
     }
     return g;
+  }
+
+  // grad_coefficients of a tile's entries r0 .. r0+count-1 at once (vector_epilogue kinds: ω = 1, mult = 1,
+  // δ = 0, h = 0), the same formulas lane by lane; padding lanes get zero coefficients and no target
+  void tile_grad_coefficients(int64_t r0, int64_t count, const int64_t* ybase, const acc_t* stats, const acc_t* G,
+                              int64_t s_g, acc_t* a, acc_t* b, acc_t* cc, acc_t* lse, acc_t* nge, acc_t* en,
+                              int64_t* yk) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    constexpr int64_t T = tile_size<acc_t>();
+    const int64_t R = xv.n_rows;
+    alignas(64) acc_t is_id[T], is_ood[T], gamma[T], m[T], log_d[T];
+    for (int64_t k = 0; k < T; ++k) {
+      if (k < count) {
+        const Label l = classify(y.data[ybase[k]], p);
+        is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
+        is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
+        yk[k] = l.y;
+        gamma[k] = G[(r0 + k) * s_g];
+        m[k] = stats[r0 + k];
+        log_d[k] = stats[R + r0 + k];
+        nge[k] = GE != nullptr ? -GE[(r0 + k) * s_ge] : acc_t(0);
+        en[k] = GE != nullptr && wr != nullptr ? energy_in[r0 + k] : acc_t(0);
+      } else {
+        is_id[k] = is_ood[k] = gamma[k] = m[k] = log_d[k] = nge[k] = en[k] = 0;
+        yk[k] = -1;
+      }
+    }
+    const Vec zero(acc_t(0)), one(acc_t(1)), two(acc_t(2));
+    const Vec valpha(p.alpha), vm_in(p.m_in), vm_out(p.m_out), vC(static_cast<acc_t>(p.n_classes));
+    const bool fold_energy = GE != nullptr && wr == nullptr;
+    for (int64_t o = 0; o < T; o += V) {
+      const Vec l = Vec::loadu(m + o) + Vec::loadu(log_d + o);
+      const Vec id = Vec::loadu(is_id + o) != zero, ood = Vec::loadu(is_ood + o) != zero;
+      Vec a_id = one, a_ood = zero, c_ood = zero;
+      if (p.kind == OUTLIER_EXPOSURE) {
+        a_ood = valpha;
+        c_ood = valpha.neg();
+      } else if (p.kind == ENERGY) {
+        const Vec h_in = at::vec::maximum(l.neg() - vm_in, zero);
+        a_id = a_id - two * valpha * h_in;
+        const Vec h_out = at::vec::maximum(vm_out + l, zero);
+        a_ood = two * valpha * h_out;
+      }
+      const Vec g = Vec::loadu(gamma + o);
+      Vec va = g * Vec::blendv(Vec::blendv(zero, a_ood, ood), a_id, id);
+      // dE/dx = −p for E = −lse, folded into a (the weighted energy's term is applied per class)
+      if (fold_energy) va = va + Vec::loadu(nge + o);
+      va.store(a + o);
+      (g * Vec::blendv(zero, one.neg(), id)).store(b + o);
+      (g * Vec::blendv(zero, c_ood, ood) / vC).store(cc + o);
+      l.store(lse + o);
+    }
   }
 
   // backward work is split into fixed blocks (rows, or tiles of T entries), independent of the thread
@@ -759,8 +912,9 @@ struct RowKernel {
     const int64_t tbk = block_tiles();
     at::parallel_for(0, (n_tiles + tbk - 1) / tbk, 1, [&](int64_t bb, int64_t be) {
       int64_t base[T], dbase[T], ybase[T];
-      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], nge[T], en[T], buf[T], out[T];
-      Grad g[T];
+      alignas(64) acc_t a[T], cc[T], mult[T], lse[T], delta[T], nge[T], en[T], buf[T], out[T], bk[T], hk[T];
+      int64_t yk[T], jk[T];
+      const bool vec = vector_epilogue();
       for (int64_t blk = bb; blk < be; ++blk) {
         acc_t* gwp = weighted ? gw_partial + blk * C : nullptr;
         for (int64_t t = blk * tbk; t < std::min(n_tiles, (blk + 1) * tbk); ++t) {
@@ -769,21 +923,34 @@ struct RowKernel {
           xv.offsets(r0, count, base);
           dv.offsets(r0, count, dbase);
           y.view.offsets(r0, count, ybase);
-          for (int64_t k = 0; k < T; ++k) {
-            if (k < count) {
-              contiguous = contiguous && base[k] == base[0] + k;
-              dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
-              g[k] = grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g);
-            } else {
-              g[k] = Grad{0, 0, 0, 0, 0, 1, 0, -1, -1, 0, 0};
+          for (int64_t k = 0; k < count; ++k) {
+            contiguous = contiguous && base[k] == base[0] + k;
+            dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
+          }
+          if (vec) {
+            tile_grad_coefficients(r0, count, ybase, stats, G, s_g, a, bk, cc, lse, nge, en, yk);
+            for (int64_t k = 0; k < T; ++k) {
+              mult[k] = 1;
+              delta[k] = 0;
+              hk[k] = k < count ? G[(r0 + k) * s_g] * acc_t(0) : acc_t(0);  // γ·h with h = 0, signed as before
+              jk[k] = k < count ? static_cast<int64_t>(stats[2 * R + r0 + k]) : -1;
             }
-            a[k] = g[k].a;
-            cc[k] = g[k].c;
-            mult[k] = g[k].mult;
-            lse[k] = g[k].lse;
-            delta[k] = g[k].delta;
-            nge[k] = -g[k].ge;
-            en[k] = g[k].energy;
+          } else {
+            for (int64_t k = 0; k < T; ++k) {
+              const Grad g = k < count ? grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g)
+                                       : Grad{0, 0, 0, 0, 0, 1, 0, -1, -1, 0, 0};
+              a[k] = g.a;
+              bk[k] = g.b;
+              cc[k] = g.c;
+              hk[k] = g.h;
+              mult[k] = g.mult;
+              lse[k] = g.lse;
+              delta[k] = g.delta;
+              nge[k] = -g.ge;
+              en[k] = g.energy;
+              yk[k] = g.y;
+              jk[k] = g.j_star;
+            }
           }
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
@@ -799,8 +966,9 @@ struct RowKernel {
             Vec dq_sum(acc_t(0));
             for (int64_t j = 0; j < NV; ++j) {
               const Vec xs = Vec::loadu(x + j * V);
-              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(xs * Vec::loadu(mult + j * V) - Vec::loadu(lse + j * V)) +
-                  Vec::loadu(cc + j * V);
+              // mult = 1 except for LogitNorm (x·1 would be a multiply per element for nothing)
+              const Vec z = logit_norm ? xs * Vec::loadu(mult + j * V) : xs;
+              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(z - Vec::loadu(lse + j * V)) + Vec::loadu(cc + j * V);
               if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
               if (weighted) {
                 // padding lanes have γ_E = 0: their dq is 0
@@ -819,8 +987,8 @@ struct RowKernel {
             }
             if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
             for (int64_t k = 0; k < count; ++k) {
-              if (g[k].y == c) o[k] += g[k].b;
-              if (g[k].j_star == c) o[k] += g[k].h;
+              if (yk[k] == c) o[k] += bk[k];
+              if (jk[k] == c) o[k] += hk[k];
             }
             if (dcontiguous) {
               scalar_t* dst = D + dbase[0] + c * dv.s_class;
@@ -832,8 +1000,8 @@ struct RowKernel {
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
             if (dcontiguous && count == T) {
               for (int64_t k = 0; k < count; ++k) {
-                if (g[k].y >= 0) D[dbase[k] + g[k].y * dv.s_class] += g[k].b;
-                if (g[k].j_star >= 0) D[dbase[k] + g[k].j_star * dv.s_class] += g[k].h;
+                if (yk[k] >= 0) D[dbase[k] + yk[k] * dv.s_class] += bk[k];
+                if (jk[k] >= 0) D[dbase[k] + jk[k] * dv.s_class] += hk[k];
               }
             }
           }
