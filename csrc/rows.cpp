@@ -371,6 +371,48 @@ Stats<acc_t> row_stats(
   return s;
 }
 
+// x·mult rounded to ACC before anything is subtracted from it, as the statistics passes (which cache v)
+// have it: a contracted x·mult − m (one fused multiply-subtract) would leave the max lane at the product's
+// rounding residual instead of exactly 0, and its clamped q at exp(±ulp·|v|) ≠ 1, a visible error in a
+// confident row's entropy. fma(x, mult, +0) is that rounded product and cannot be fused any further
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vscale(
+    const at::vec::Vectorized<acc_t>& x, const at::vec::Vectorized<acc_t>& mult) {
+  return at::vec::fmadd(x, mult, at::vec::Vectorized<acc_t>(acc_t(0)));
+}
+
+// pytorch-ood's entropy of one row (class stride 1) from its m and ln d: −Σ_c q_c ln q_c with
+// q = clamp(exp(v − m − ln d), 1e-7, 1), v = x·mult (a second read of the row, from cache for rows of a
+// few thousand classes). exp as vexp (exp_u20 for fp32), SLEEF's 1-ulp log; a NaN or +inf q stays NaN
+// through the clamp (ATen's minimum/maximum propagate NaN, as torch.clamp)
+template <typename scalar_t, typename acc_t>
+acc_t row_clamped_entropy(const scalar_t* x, int64_t n, acc_t mult, acc_t m, acc_t log_d) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vmult(mult), vm(m), vlog_d(log_d), lo(static_cast<acc_t>(ENTROPY_CLAMP)), hi(acc_t(1));
+  Vec e(acc_t(0));
+  alignas(64) acc_t tmp[V];
+  for (int64_t c = 0; c < n; c += V) {
+    const int64_t len = std::min<int64_t>(V, n - c);
+    Vec v;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v = len == V ? Vec::loadu(x + c) : Vec::loadu(x + c, len);
+    } else {
+      for (int64_t k = 0; k < len; ++k) tmp[k] = load<scalar_t, acc_t>(x, c + k);
+      v = len == V ? Vec::loadu(tmp) : Vec::loadu(tmp, len);
+    }
+    Vec q = at::vec::minimum(at::vec::maximum(vexp<acc_t>(vscale<acc_t>(v, vmult) - vm - vlog_d), lo), hi);
+    // lanes past the row's end: q = 1 adds 1·ln 1 = 0
+    if (len < V) q = Vec::set(hi, q, len);
+    e = e + q * q.log();
+  }
+  alignas(64) acc_t lanes[V];
+  e.store(lanes);
+  acc_t total = 0;
+  for (int64_t k = 0; k < V; ++k) total += lanes[k];
+  return -total;
+}
+
 // ---------------------------------------------------------------------------------------------
 // entry-tile traversal: TILE entries at once, vectorised over entries, classes looped
 // ---------------------------------------------------------------------------------------------
@@ -534,6 +576,46 @@ void tile_stats(
     out[k].d_w = l.dw[k];
     out[k].expect = l.ev[k];
   }
+}
+
+// row_clamped_entropy for a tile's lanes, vectorised over the lanes (per class a contiguous run of the
+// tile's entries, as tile_lanes reads them); m and log_d per lane (padding lanes: any finite values),
+// the entropies written to out[0 .. T)
+template <typename scalar_t, typename acc_t>
+void tile_clamped_entropy(
+    const scalar_t* X,
+    const int64_t* base,
+    bool contiguous,
+    int64_t count,
+    int64_t n_classes,
+    int64_t s_class,
+    acc_t mult,
+    const acc_t* m,
+    const acc_t* log_d,
+    acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t T = tile_size<acc_t>();
+  constexpr int64_t NV = T / V;
+  const bool has_mult = mult != acc_t(1);
+  const Vec vmult(mult), lo(static_cast<acc_t>(ENTROPY_CLAMP)), hi(acc_t(1));
+  Vec e[NV], vm[NV], vlog_d[NV];
+  for (int64_t j = 0; j < NV; ++j) {
+    e[j] = Vec(acc_t(0));
+    vm[j] = Vec::loadu(m + j * V);
+    vlog_d[j] = Vec::loadu(log_d + j * V);
+  }
+  alignas(64) acc_t buf[T];
+  for (int64_t c = 0; c < n_classes; ++c) {
+    const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, s_class, buf);
+    for (int64_t j = 0; j < NV; ++j) {
+      Vec v = Vec::loadu(x + j * V);
+      if (has_mult) v = vscale<acc_t>(v, vmult);
+      const Vec q = at::vec::minimum(at::vec::maximum(vexp<acc_t>(v - vm[j] - vlog_d[j]), lo), hi);
+      e[j] = e[j] + q * q.log();
+    }
+  }
+  for (int64_t j = 0; j < NV; ++j) (Vec(acc_t(0)) - e[j]).store(out + j * V);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1344,16 +1426,9 @@ Tensor cpu_row_scores(
           return -(m + std::log(s.d_w));
         case SCORE_ENTROPY_EXACT:  // H = lse − E_p[x], from the one read (no clamp)
           return log_d - (s.expect / s.d - m);
-        default: {  // entropy of the clamped softmax, as pytorch-ood defines it: needs lse first
-          if (m != m) return nan;
-          acc_t e = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t q = std::exp(load<scalar_t, acc_t>(X, base + c * xv.s_class) * mult - m - log_d);
-            q = std::min(std::max(q, acc_t(ENTROPY_CLAMP)), acc_t(1));
-            e -= q * std::log(q);
-          }
-          return e;
-        }
+        default:  // entropy of the clamped softmax, as pytorch-ood defines it: needs lse first (the tile
+                  // traversal takes tile_clamped_entropy instead)
+          return m != m ? nan : row_clamped_entropy<scalar_t, acc_t>(X + base, C, mult, m, log_d);
       }
     };
     const int64_t R = xv.n_rows;
@@ -1371,6 +1446,7 @@ Tensor cpu_row_scores(
         int64_t base[T];
         acc_t mults[T];
         Stats<acc_t> s[T];
+        alignas(64) acc_t m[T], log_d[T], ent[T];
         for (int64_t k = 0; k < T; ++k) mults[k] = mult;
         for (int64_t tile = tb; tile < te; ++tile) {
           const int64_t r0 = tile * T, count = std::min(T, R - r0);
@@ -1378,6 +1454,17 @@ Tensor cpu_row_scores(
           xv.offsets(r0, count, base);
           for (int64_t k = 0; k < count; ++k) contiguous = contiguous && base[k] == base[0] + k;
           tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mults, mult != acc_t(1), chunk, s, ex);
+          if (which == SCORE_ENTROPY) {
+            for (int64_t k = 0; k < T; ++k) {
+              const bool live = k < count && !s[k].has_nan;
+              m[k] = live ? s[k].m : acc_t(0);
+              log_d[k] = live ? std::log(s[k].d) : acc_t(0);
+            }
+            tile_clamped_entropy<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, m, log_d, ent);
+            const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+            for (int64_t k = 0; k < count; ++k) O[r0 + k] = s[k].has_nan ? nan : ent[k];
+            continue;
+          }
           for (int64_t k = 0; k < count; ++k) O[r0 + k] = score(base[k], s[k]);
         }
       });

@@ -11,6 +11,8 @@ Skipped when the extension cannot be built, unless ``OODKERNELS_REQUIRE_CPP=1`` 
 first test that asks for it fails instead.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -458,3 +460,50 @@ def test_required_turns_a_failed_build_into_an_error(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="the C\\+\\+ CPU extension could not be built: "):
         assert _cpp.available() is False
     assert "JIT build failed" in _cpp.status()
+
+
+# the clamped entropy's vectorised second pass: full and partial vectors (C = 16 a multiple of every vector
+# width, C = 19 of none), full and partial tiles, confident rows (the clamp active at both ends), NaN, ±inf
+# entries and a temperature (the raw op's t, which the public score leaves at 1)
+def _entropy_inputs(shape, dtype, layout):
+    n_rows = shape[0] * math.prod(shape[2:])
+    rows = testing.make_logits(n_rows, shape[1], (), dtype=torch.float64, scale=3.0)  # entry r's classes
+    rows[0] *= 40.0  # confident: q_max clamps to 1, the rest to 1e-7
+    rows[1, 3] = float("nan")
+    rows[2, 5] = float("-inf")
+    rows[3, 1] = float("inf")
+    rows[4, :-1] = float("-inf")  # one-hot softmax: every other q clamps to 1e-7
+    x = rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous().to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.t().contiguous().t()
+    return x
+
+
+@pytest.mark.parametrize("t", [1.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((9, 16), "contiguous"),
+        ((9, 19), "contiguous"),
+        ((9, 19), "transposed"),
+        ((2, 19, 3, 7), "contiguous"),
+        ((1, 16, 16, 16), "contiguous"),
+        ((2, 19, 3, 7), "channels_last"),
+    ],
+    ids=str,
+)
+def test_cpp_clamped_entropy_vector_passes(cpp, shape, layout, dtype, t):
+    logits = _entropy_inputs(shape, dtype, layout)
+    value = torch.ops.oodkernels.row_scores(logits, 3, t, 0, 0)
+    v = logits.to(torch.float64).movedim(1, -1).reshape(-1, shape[1]) / t
+    q = torch.softmax(v, dim=-1).clamp(1e-7, 1.0)
+    expected = -(q * q.log()).sum(-1)
+    assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isnan(value[1]) and torch.isnan(value[3]) and torch.isfinite(value[0])
+    # the confident rows: 1·ln 1 + (C − 1)·1e-7·(−ln 1e-7) exactly where the clamp acts on every lane
+    assert abs(float(value[4]) - (shape[1] - 1) * 1e-7 * -math.log(1e-7)) < 1e-9
+    atol, rtol = testing.tolerances(value.dtype)
+    testing.assert_close(value, expected.to(value.dtype), atol=atol, rtol=rtol)
