@@ -383,13 +383,15 @@ inline at::vec::Vectorized<acc_t> vscale(
 
 // pytorch-ood's entropy of one row (class stride 1) from its m and ln d: −Σ_c q_c ln q_c with
 // q = clamp(exp(v − m − ln d), 1e-7, 1), v = x·mult (a second read of the row, from cache for rows of a
-// few thousand classes). exp as vexp (exp_u20 for fp32), SLEEF's 1-ulp log; a NaN or +inf q stays NaN
-// through the clamp (ATen's minimum/maximum propagate NaN, as torch.clamp)
+// few thousand classes). exp is monotone, so q = exp(a) and ln q = a with a = clamp(v − m − ln d, ln 1e-7, 0):
+// one exp (vexp: exp_u20 for fp32) and no log per element (the log of the rounded q differs by its rounding,
+// ≤ 1 ulp of q). A NaN argument stays NaN through the clamp (ATen's minimum/maximum propagate NaN, as
+// torch.clamp)
 template <typename scalar_t, typename acc_t>
 acc_t row_clamped_entropy(const scalar_t* x, int64_t n, acc_t mult, acc_t m, acc_t log_d) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec vmult(mult), vm(m), vlog_d(log_d), lo(static_cast<acc_t>(ENTROPY_CLAMP)), hi(acc_t(1));
+  const Vec vmult(mult), vm(m), vlog_d(log_d), lo(static_cast<acc_t>(std::log(ENTROPY_CLAMP))), hi(acc_t(0));
   Vec e(acc_t(0));
   alignas(64) acc_t tmp[V];
   for (int64_t c = 0; c < n; c += V) {
@@ -397,14 +399,22 @@ acc_t row_clamped_entropy(const scalar_t* x, int64_t n, acc_t mult, acc_t m, acc
     Vec v;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       v = len == V ? Vec::loadu(x + c) : Vec::loadu(x + c, len);
-    } else {
-      for (int64_t k = 0; k < len; ++k) tmp[k] = load<scalar_t, acc_t>(x, c + k);
-      v = len == V ? Vec::loadu(tmp) : Vec::loadu(tmp, len);
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // V bf16 values widened in registers (a scalar upcast loop would cost more than the exp)
+      if (len == V) at::vec::load_fp32_from_bf16(x + c, v);
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if (len == V) at::vec::load_fp32_from_fp16(x + c, v);
     }
-    Vec q = at::vec::minimum(at::vec::maximum(vexp<acc_t>(vscale<acc_t>(v, vmult) - vm - vlog_d), lo), hi);
-    // lanes past the row's end: q = 1 adds 1·ln 1 = 0
-    if (len < V) q = Vec::set(hi, q, len);
-    e = e + q * q.log();
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (len < V) {
+        for (int64_t k = 0; k < len; ++k) tmp[k] = load<scalar_t, acc_t>(x, c + k);
+        v = Vec::loadu(tmp, len);
+      }
+    }
+    Vec a = at::vec::minimum(at::vec::maximum(vscale<acc_t>(v, vmult) - vm - vlog_d, lo), hi);
+    // lanes past the row's end: a = 0 adds 1·0
+    if (len < V) a = Vec::set(hi, a, len);
+    e = e + vexp<acc_t>(a) * a;
   }
   alignas(64) acc_t lanes[V];
   e.store(lanes);
@@ -598,7 +608,7 @@ void tile_clamped_entropy(
   constexpr int64_t T = tile_size<acc_t>();
   constexpr int64_t NV = T / V;
   const bool has_mult = mult != acc_t(1);
-  const Vec vmult(mult), lo(static_cast<acc_t>(ENTROPY_CLAMP)), hi(acc_t(1));
+  const Vec vmult(mult), lo(static_cast<acc_t>(std::log(ENTROPY_CLAMP))), hi(acc_t(0));
   Vec e[NV], vm[NV], vlog_d[NV];
   for (int64_t j = 0; j < NV; ++j) {
     e[j] = Vec(acc_t(0));
@@ -611,8 +621,8 @@ void tile_clamped_entropy(
     for (int64_t j = 0; j < NV; ++j) {
       Vec v = Vec::loadu(x + j * V);
       if (has_mult) v = vscale<acc_t>(v, vmult);
-      const Vec q = at::vec::minimum(at::vec::maximum(vexp<acc_t>(v - vm[j] - vlog_d[j]), lo), hi);
-      e[j] = e[j] + q * q.log();
+      const Vec a = at::vec::minimum(at::vec::maximum(v - vm[j] - vlog_d[j], lo), hi);
+      e[j] = e[j] + vexp<acc_t>(a) * a;
     }
   }
   for (int64_t j = 0; j < NV; ++j) (Vec(acc_t(0)) - e[j]).store(out + j * V);
