@@ -35,13 +35,10 @@ def use_backend(monkeypatch, backend):
 
 
 def over_backends(triton, cpp):
-    """Params ``(backend, *case)`` for the cases of each backend: ``triton`` and ``cpp`` are lists of tuples."""
-
-    def as_tuple(case):
-        return case if isinstance(case, tuple) else (case,)
-
-    return [pytest.param("triton", *as_tuple(case)) for case in triton] + [
-        pytest.param("cpp", *as_tuple(case), marks=requires_cpp) for case in cpp
+    """Params ``(backend, *case)`` for the cases of each backend: ``triton`` and ``cpp`` are lists of tuples of
+    the other argvalues (a one-tuple for one argument)."""
+    return [pytest.param("triton", *case) for case in triton] + [
+        pytest.param("cpp", *case, marks=requires_cpp) for case in cpp
     ]
 
 
