@@ -60,3 +60,18 @@ def kernel_device(request):
 
 def current_device():
     return torch.get_default_device()
+
+
+def spy_calls(monkeypatch, owner, *names):
+    """Wrap ``owner.<name>`` for each name (a kernel launcher) so that every call appends the name to the list
+    returned; the originals still run."""
+    calls = []
+    for name in names:
+        original = getattr(owner, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    return calls

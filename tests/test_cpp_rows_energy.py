@@ -13,6 +13,7 @@ Skipped when the extension cannot be built, unless ``OODKERNELS_REQUIRE_CPP=1`` 
 import pytest
 import torch
 from _backends import requires_cpp
+from _backends import spy_calls
 from _backends import use_backend
 from _energy import LAYOUTS
 from _energy import C
@@ -201,14 +202,7 @@ def test_cpp_class_weight_gradient_is_deterministic_across_threads(cpp, shape):
 
 def test_cpp_energy_ops_are_used(monkeypatch):
     """Under auto, CPU tensors of every criterion on the energy ops run the C++ implementations."""
-    calls = []
-    original = row_ops._kernels.row_loss_energy_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(row_ops._kernels, "row_loss_energy_forward", spy)
+    calls = spy_calls(monkeypatch, row_ops._kernels, "row_loss_energy_forward")
     monkeypatch.setenv("OODKERNELS_BACKEND", "auto")
     logits, targets = _logits((6, C)), _targets((6,), "mixed")
     phi, weights = _vos_modules()

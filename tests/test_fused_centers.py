@@ -14,6 +14,7 @@ import torch
 from _backends import BACKENDS
 from _backends import kernel_device
 from _backends import over_backends
+from _backends import spy_calls
 from _backends import use_backend
 from _centers import FP32
 from _centers import FROM_DISTANCES
@@ -548,15 +549,7 @@ def test_warnings_and_errors(monkeypatch, backend):
 
 
 def test_fused_kernels_are_used(fused, monkeypatch):
-    calls = []
-    for name in ("loss_forward", "sq_distances"):
-        original = getattr(center_ops._kernels, name)
-
-        def spy(*args, _original=original, **kwargs):
-            calls.append(1)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(center_ops._kernels, name, spy)
+    calls = spy_calls(monkeypatch, center_ops._kernels, "loss_forward", "sq_distances")
     criterion = ok.loss.CenterLoss(n_classes=K, n_dim=D)
     z = features()
     criterion(criterion.distance(z), labels("mixed"))

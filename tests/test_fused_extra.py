@@ -17,6 +17,7 @@ import torch
 from _backends import BACKENDS
 from _backends import kernel_device
 from _backends import over_backends
+from _backends import spy_calls
 from _backends import use_backend
 from _energy import LAYOUTS
 from _energy import C
@@ -349,14 +350,7 @@ def test_vos_synthesis_fused_equals_reference(monkeypatch):
 
 
 def test_fused_kernels_are_used(monkeypatch):
-    calls = []
-    original = row_ops._kernels.row_loss_energy_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(row_ops._kernels, "row_loss_energy_forward", spy)
+    calls = spy_calls(monkeypatch, row_ops._kernels, "row_loss_energy_forward")
     use_backend(monkeypatch, "triton")
     logits, targets = rand_logits((6, C)), rand_targets((6,), "mixed")
     phi, weights = vos_modules()
