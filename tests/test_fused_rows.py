@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from _backends import DEVICE
 
 import oodkernels as ok
 from oodkernels import testing
@@ -20,8 +21,6 @@ from oodkernels.ops import row_ops
 pytestmark = pytest.mark.filterwarnings("ignore:Discarding samples")
 
 C = 7
-#: on a machine with a GPU the kernels run natively on CUDA tensors; otherwise interpreted on CPU tensors
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
