@@ -1161,6 +1161,30 @@ Tensor relu_weights(const std::optional<Tensor>& class_weight, at::ScalarType ac
   return class_weight->reshape({n_classes}).to(acc).clamp_min(0).contiguous();
 }
 
+// the RowKernel of one call: logits read in place, int64 targets, the criterion's parameters and the cost
+// matrix already in ACC (`cost_acc` undefined: none); shared by the forward and the backward entry points
+template <typename scalar_t, typename acc_t>
+RowKernel<scalar_t, acc_t> make_row_kernel(
+    const Tensor& logits,
+    const View& xv,
+    const Tensor& y,
+    const Tensor& cost_acc,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    int64_t block_c) {
+  RowKernel<scalar_t, acc_t> k{
+      logits.const_data_ptr<scalar_t>(),
+      xv,
+      Targets{y.const_data_ptr<int64_t>(), View(y, false)},
+      make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, logits.size(1)),
+      chunk_of(block_c)};
+  if (cost_acc.defined()) k.p.cost = cost_acc.const_data_ptr<acc_t>();
+  return k;
+}
+
 // the forward of row_loss_fwd and row_loss_energy_fwd: (values, energy or {}, stats)
 std::tuple<Tensor, Tensor, Tensor> row_forward(
     const char* op,
@@ -1189,19 +1213,10 @@ std::tuple<Tensor, Tensor, Tensor> row_forward(
   const Tensor wr = class_weight.has_value() ? relu_weights(class_weight, acc, C, op) : Tensor();
   // targets of any integer dtype: int64 is read in place, others are converted (O(R))
   const Tensor y = targets.scalar_type() == at::kLong ? targets : targets.to(at::kLong);
+  const Tensor cost_acc = cost.has_value() ? cost->to(acc).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Tensor cost_acc;
-    RowKernel<scalar_t, acc_t> k{
-        logits.const_data_ptr<scalar_t>(),
-        xv,
-        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
-        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, C),
-        chunk_of(block_c)};
-    if (cost.has_value()) {
-      cost_acc = cost->to(acc).contiguous();
-      k.p.cost = cost_acc.const_data_ptr<acc_t>();
-    }
+    auto k = make_row_kernel<scalar_t, acc_t>(logits, xv, y, cost_acc, kind, alpha, m_in, m_out, ignore_index, block_c);
     if (return_energy) {
       k.energy = energy.mutable_data_ptr<acc_t>();
       if (wr.defined()) k.wr = wr.const_data_ptr<acc_t>();
@@ -1249,19 +1264,10 @@ std::tuple<Tensor, Tensor> row_backward(
     en = energy->to(acc).contiguous();
     wr = relu_weights(class_weight, acc, C, op);
   }
+  const Tensor cost_acc = cost.has_value() ? cost->to(acc).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cpu_row_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Tensor cost_acc;
-    RowKernel<scalar_t, acc_t> k{
-        logits.const_data_ptr<scalar_t>(),
-        xv,
-        Targets{y.const_data_ptr<int64_t>(), View(y, false)},
-        make_params<acc_t>(kind, alpha, m_in, m_out, ignore_index, C),
-        chunk_of(block_c)};
-    if (cost.has_value()) {
-      cost_acc = cost->to(acc).contiguous();
-      k.p.cost = cost_acc.const_data_ptr<acc_t>();
-    }
+    auto k = make_row_kernel<scalar_t, acc_t>(logits, xv, y, cost_acc, kind, alpha, m_in, m_out, ignore_index, block_c);
     if (ge.defined()) {
       k.GE = ge.const_data_ptr<acc_t>();
       k.s_ge = ge.dim() ? ge.stride(0) : 0;
