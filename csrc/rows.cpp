@@ -13,7 +13,8 @@
 //   classes, in chunks of CHUNK classes that stay in L1 (max, then Σexp over the cached chunk; chunks
 //   merge online), so the logits are read from memory once;
 // * anything else (NCHW, (N, C, L), transposed): a tile of TILE entries at a time, vectorised over the
-//   entries (pixel-contiguous loads), the online state being one vector per statistic, classes looped.
+//   entries (pixel-contiguous loads): a chunk of classes is gathered into L1, then swept one group of V
+//   entries at a time with that group's online state in registers.
 // Both are parallel over rows / tiles with at::parallel_for (honours torch.get_num_threads()).
 //
 // Adding a kind: a case in `coefficients` (row value and backward coefficients) and, if it needs new
@@ -85,11 +86,22 @@ struct View {
     n_rows = (t.dim() ? t.size(0) : 1) * inner;
   }
 
-  // offsets of entries r0 .. r0+count-1: one division, then stepping through w, h and outer
+  // offsets of entries r0 .. r0+count-1: one division, then stepping through w, h and outer (a run inside
+  // one dense map, the common tile, is a plain sequence)
   inline void offsets(int64_t r0, int64_t count, int64_t* out) const {
+    if (inner == 1) {  // no spatial dimensions: entry r is row r
+      for (int64_t k = 0; k < count; ++k) out[k] = (r0 + k) * s_outer;
+      return;
+    }
     const int64_t height = inner / width;
     int64_t outer = r0 / inner;
     const int64_t i = r0 - outer * inner;
+    const bool dense_map = s_w == 1 && (height == 1 || s_h == width);
+    if (dense_map && i + count <= inner) {
+      const int64_t first = outer * s_outer + i;
+      for (int64_t k = 0; k < count; ++k) out[k] = first + k;
+      return;
+    }
     int64_t h = i / width;
     int64_t w = i - h * width;
     for (int64_t k = 0; k < count; ++k) {
@@ -453,21 +465,24 @@ inline const acc_t* tile_class(
   return buf;
 }
 
-// classes per chunk of the tile's forward: CHUNK × TILE values (16 KiB fp32, 32 KiB fp64) stay in L1
-// between the max pass and the exp pass (a contiguous copy: the class rows are H·W apart and alias in caches)
+// classes per chunk of the tile's forward: 24 classes × TILE values (24 KiB) stay in L1 between the gather and
+// the sweeps (a contiguous copy: the class rows are H·W apart and alias in caches); 24, not 16, so that a
+// Cityscapes-sized C = 19 is one chunk (no rescale pass)
 template <typename acc_t>
 constexpr int64_t tile_chunk() {
-  return 4096 / tile_size<acc_t>();
+  return (24 * 1024) / (tile_size<acc_t>() * static_cast<int64_t>(sizeof(acc_t)));
 }
 
-// online statistics of a tile: per lane m, d, Σv, j*, NaN flag (vectorised over lanes). Per chunk of
-// classes, a max pass (m, j*, Σv, NaN) that caches v in L1, then one exp per element (d, d_w, E[x]),
-// the previous chunks' sums rescaled once per chunk
-// the tile's statistics as lane arrays (structure of arrays, what the vectorised epilogues read)
+// online statistics of a tile: per lane m, d, Σv, j*, NaN flag, d_w, E[x] (structure of arrays, what the
+// vectorised epilogues read). Per chunk of classes: (A) v = x·mult of the chunk gathered into `buf`, class by
+// class (1 KiB runs of the map, the copy keeps them in L1: the class rows are H·W apart and alias in caches);
+// (B) per group of V lanes, with the lanes' state in registers, a max sweep over the cached chunk (m, j*, Σv,
+// NaN), then one exp per element (d, d_w, E[x]), the previous chunks' sums rescaled once
 template <typename acc_t>
 struct TileLanes {
   static constexpr int64_t T = tile_size<acc_t>();
   alignas(64) acc_t m[T], d[T], sum_v[T], arg[T], nan[T], dw[T], ev[T];
+  alignas(64) acc_t v_y[T];  // v at each lane's label column (0 without one), where tile_lanes is given labels
 };
 
 template <typename scalar_t, typename acc_t>
@@ -482,82 +497,103 @@ void tile_lanes(
     bool has_mult,
     int64_t chunk,
     TileLanes<acc_t>& out,
-    const Extras<acc_t>& ex) {
+    const Extras<acc_t>& ex,
+    const acc_t* label = nullptr) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t T = tile_size<acc_t>();
-  constexpr int64_t NV = T / V;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  Vec m[NV], d[NV], sum_v[NV], arg[NV], nan[NV], vmult[NV], dw[NV], ev[NV];
-  for (int64_t j = 0; j < NV; ++j) {
-    m[j] = Vec(neg_inf);
-    d[j] = sum_v[j] = arg[j] = nan[j] = dw[j] = ev[j] = Vec(acc_t(0));
-    vmult[j] = Vec::loadu(mult + j * V);
-  }
   constexpr int64_t TILE_CHUNK = tile_chunk<acc_t>();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  if (n_classes == 0) {  // otherwise the first chunk starts the state in registers
+    std::fill(out.m, out.m + T, neg_inf);
+    for (acc_t* a : {out.d, out.sum_v, out.arg, out.nan, out.dw, out.ev, out.v_y}) std::fill(a, a + T, acc_t(0));
+    return;
+  }
   alignas(64) acc_t buf[TILE_CHUNK * T];
-  alignas(64) acc_t raw[T];
-  const Vec zero(acc_t(0)), vneg_inf(neg_inf);
+  // the exact entropy's E[x] is over the raw x: a second cache when v = x·mult differs from it
+  const bool raw_copy = ex.expect && has_mult;
+  alignas(64) acc_t raw[raw_copy ? TILE_CHUNK * T : 1];
+  const Vec zero(acc_t(0)), vneg_inf(neg_inf), vinf(std::numeric_limits<acc_t>::infinity());
   const int64_t ch = std::max<int64_t>(1, std::min(TILE_CHUNK, chunk));
   for (int64_t c0 = 0; c0 < n_classes; c0 += ch) {
     const int64_t len = std::min(ch, n_classes - c0);
-    Vec m_old[NV];
-    for (int64_t j = 0; j < NV; ++j) m_old[j] = m[j];
-    // 1. max pass: v cached in `buf`; strictly greater moves m and j* (the first maximum wins); a NaN never
-    //    moves m (the NaN flag takes over)
+    // A. gather the chunk (padding lanes: 0, finite; their results are discarded)
     for (int64_t i = 0; i < len; ++i) {
       acc_t* slot = buf + i * T;
       const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c0 + i, s_class, slot);
-      const Vec col(static_cast<acc_t>(c0 + i));
-      for (int64_t j = 0; j < NV; ++j) {
-        Vec v = Vec::loadu(x + j * V);
-        if (has_mult) v = v * vmult[j];
-        v.store(slot + j * V);
-        nan[j] = nan[j] | (v != v);
-        const Vec greater = v > m[j];
-        m[j] = Vec::blendv(m[j], v, greater);
-        arg[j] = Vec::blendv(arg[j], col, greater);
-        sum_v[j] = sum_v[j] + v;
+      if (raw_copy) std::copy(x, x + T, raw + i * T);
+      if (has_mult) {
+        for (int64_t j = 0; j < T; j += V) (Vec::loadu(x + j) * Vec::loadu(mult + j)).store(slot + j);
+      } else if (x != slot) {
+        for (int64_t j = 0; j < T; j += V) Vec::loadu(x + j).store(slot + j);
       }
     }
-    // 2. exp pass over the cached chunk, shifted by the new max (0 where it is still -inf: no inf − inf).
-    //    Without a NaN or a +inf max in the tile so far, v − shift is never NaN or +inf, and vexp's
-    //    pass-through of those is skipped (the same values: it would select nothing)
-    Vec shift[NV];
-    Vec special(acc_t(0));
-    for (int64_t j = 0; j < NV; ++j) special = special | nan[j] | (m[j] == Vec(std::numeric_limits<acc_t>::infinity()));
-    bool plain_exp = false;
-    if constexpr (std::is_same_v<acc_t, float>) plain_exp = special.zero_mask() == (1 << V) - 1;
-    for (int64_t j = 0; j < NV; ++j) {
-      shift[j] = Vec::blendv(m[j], zero, m[j] == vneg_inf);
-      const Vec rescale = vexp<acc_t>(m_old[j] - shift[j]);
-      d[j] = d[j] * rescale;
-      if (ex.wr != nullptr) dw[j] = dw[j] * rescale;
-      if (ex.expect) ev[j] = ev[j] * rescale;
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      const acc_t* slot = buf + i * T;
-      const acc_t* x = nullptr;
-      if (ex.expect) x = has_mult ? tile_class<scalar_t, acc_t>(X, base, contiguous, count, c0 + i, s_class, raw) : slot;
-      for (int64_t j = 0; j < NV; ++j) {
-        // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
-        const Vec arg = Vec::loadu(slot + j * V) - shift[j];
-        const Vec p = ex.expect ? arg.exp() : (plain_exp ? arg.exp_u20() : vexp<acc_t>(arg));
-        d[j] = d[j] + p;
-        if (ex.wr != nullptr) dw[j] = dw[j] + p * Vec(ex.wr[c0 + i]);
+    const acc_t* xs = raw_copy ? raw : buf;
+    // B. lane groups, state in registers
+    const bool first = c0 == 0;
+    for (int64_t j = 0; j < T; j += V) {
+      const Vec m_old = first ? vneg_inf : Vec::loadu(out.m + j);
+      Vec m = m_old, arg = first ? zero : Vec::loadu(out.arg + j), sum_v = first ? zero : Vec::loadu(out.sum_v + j),
+          nan = first ? zero : Vec::loadu(out.nan + j), v_y = first ? zero : Vec::loadu(out.v_y + j);
+      // 1. strictly greater moves m and j* (the first maximum wins); a NaN never moves m (the NaN flag takes over)
+      for (int64_t i = 0; i < len; ++i) {
+        const Vec v = Vec::loadu(buf + i * T + j);
+        const Vec col(static_cast<acc_t>(c0 + i));
+        nan = nan | (v != v);
+        const Vec greater = v > m;
+        m = Vec::blendv(m, v, greater);
+        arg = Vec::blendv(arg, col, greater);
+        sum_v = sum_v + v;
+      }
+      // v_y picked up from the cached chunk (the labels are random columns: no gather from the map later)
+      if (label != nullptr) {
+        const Vec y = Vec::loadu(label + j);
+        for (int64_t i = 0; i < len; ++i) {
+          v_y = Vec::blendv(v_y, Vec::loadu(buf + i * T + j), y == Vec(static_cast<acc_t>(c0 + i)));
+        }
+      }
+      // 2. Σ exp(v − shift), shifted by the new max (0 where it is still -inf: no inf − inf). Without a NaN or a
+      //    +inf max among these lanes so far, v − shift is never NaN or +inf, and vexp's pass-through of those
+      //    is skipped (the same values: it would select nothing)
+      const Vec shift = Vec::blendv(m, zero, m == vneg_inf);
+      Vec d = zero, dw = zero, ev = zero;
+      if (!first) {
+        const Vec rescale = vexp<acc_t>(m_old - shift);
+        d = Vec::loadu(out.d + j) * rescale;
+        dw = Vec::loadu(out.dw + j) * rescale;
+        ev = Vec::loadu(out.ev + j) * rescale;
+      }
+      bool plain_exp = false;
+      if constexpr (std::is_same_v<acc_t, float>) plain_exp = (nan | (m == vinf)).zero_mask() == (1 << V) - 1;
+      if (ex.expect) {
+        // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show);
         // select before multiplying: p = 0 at -inf lanes, and 0·(-inf) would be NaN
-        if (ex.expect) ev[j] = ev[j] + p * Vec::blendv(zero, Vec::loadu(x + j * V), p > zero);
+        for (int64_t i = 0; i < len; ++i) {
+          const Vec p = (Vec::loadu(buf + i * T + j) - shift).exp();
+          d = d + p;
+          if (ex.wr != nullptr) dw = dw + p * Vec(ex.wr[c0 + i]);
+          ev = ev + p * Vec::blendv(zero, Vec::loadu(xs + i * T + j), p > zero);
+        }
+      } else if (ex.wr != nullptr) {
+        for (int64_t i = 0; i < len; ++i) {
+          const Vec p = vexp<acc_t>(Vec::loadu(buf + i * T + j) - shift);
+          d = d + p;
+          dw = dw + p * Vec(ex.wr[c0 + i]);
+        }
+      } else if (plain_exp) {
+        for (int64_t i = 0; i < len; ++i) d = d + (Vec::loadu(buf + i * T + j) - shift).exp_u20();
+      } else {
+        for (int64_t i = 0; i < len; ++i) d = d + vexp<acc_t>(Vec::loadu(buf + i * T + j) - shift);
       }
+      m.store(out.m + j);
+      arg.store(out.arg + j);
+      sum_v.store(out.sum_v + j);
+      nan.store(out.nan + j);
+      d.store(out.d + j);
+      dw.store(out.dw + j);
+      ev.store(out.ev + j);
+      v_y.store(out.v_y + j);
     }
-  }
-  for (int64_t j = 0; j < NV; ++j) {
-    m[j].store(out.m + j * V);
-    d[j].store(out.d + j * V);
-    sum_v[j].store(out.sum_v + j * V);
-    arg[j].store(out.arg + j * V);
-    nan[j].store(out.nan + j * V);
-    dw[j].store(out.dw + j * V);
-    ev[j].store(out.ev + j * V);
   }
 }
 
@@ -704,38 +740,53 @@ struct RowKernel {
   // the kinds whose tile epilogues run vectorised over the lanes (ω = 1 without a cost matrix, no LogitNorm
   // scale); the others take the scalar `coefficients` path entry by entry
   bool vector_epilogue() const {
-    return p.cost == nullptr && (p.kind == CROSS_ENTROPY || p.kind == OUTLIER_EXPOSURE || p.kind == ENERGY);
+    // the lanes compare label columns in ACC: exact up to 2^24 classes in fp32
+    const bool exact_columns = p.n_classes <= (int64_t(1) << std::numeric_limits<acc_t>::digits);
+    return exact_columns && p.cost == nullptr &&
+        (p.kind == CROSS_ENTROPY || p.kind == OUTLIER_EXPOSURE || p.kind == ENERGY);
+  }
+
+  // the labels of a tile's entries as lane arrays (vector_epilogue kinds): ID / OOD / invalid flags and the
+  // label column (-1 where there is none, and in the padding lanes), read by tile_lanes and finish_tile
+  struct TileLabels {
+    static constexpr int64_t T = tile_size<acc_t>();
+    alignas(64) acc_t is_id[T], is_ood[T], invalid[T], col[T];
+  };
+
+  void tile_labels(int64_t count, const int64_t* ybase, TileLabels& out) const {
+    constexpr int64_t T = tile_size<acc_t>();
+    for (int64_t k = 0; k < count; ++k) {
+      const Label l = classify(y.data[ybase[k]], p);
+      out.is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
+      out.is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
+      out.invalid[k] = l.invalid ? acc_t(1) : acc_t(0);
+      out.col[k] = static_cast<acc_t>(l.y);  // exact, as j* in the stats: l.y < C ≤ 2^24
+    }
+    for (int64_t k = count; k < T; ++k) {
+      out.is_id[k] = out.is_ood[k] = out.invalid[k] = 0;
+      out.col[k] = -1;
+    }
   }
 
   // `finish` of a tile's entries r0 .. r0+count-1 at once (vector_epilogue kinds): the same formulas as
-  // `coefficients`, lane by lane; labels, v_y and the logs are scalar (std::log, as `finish`)
-  void finish_tile(int64_t r0, int64_t count, const int64_t* base, const int64_t* ybase, const TileLanes<acc_t>& s,
-                   acc_t* loss, acc_t* stats) const {
+  // `coefficients`, lane by lane, from the tile's statistics (v_y included) and labels
+  void finish_tile(int64_t r0, int64_t count, const TileLabels& labels, const TileLanes<acc_t>& s, acc_t* loss,
+                   acc_t* stats) const {
     using Vec = at::vec::Vectorized<acc_t>;
     constexpr int64_t V = Vec::size();
     constexpr int64_t T = tile_size<acc_t>();
     const int64_t R = xv.n_rows;
     const bool weighted_energy = energy != nullptr && wr != nullptr;
-    alignas(64) acc_t is_id[T], is_ood[T], invalid[T], v_y[T], log_d[T], log_dw[T];
-    for (int64_t k = 0; k < T; ++k) {
-      if (k < count) {
-        const Label l = classify(y.data[ybase[k]], p);
-        is_id[k] = l.is_id ? acc_t(1) : acc_t(0);
-        is_ood[k] = l.is_ood ? acc_t(1) : acc_t(0);
-        invalid[k] = l.invalid ? acc_t(1) : acc_t(0);
-        v_y[k] = l.y >= 0 ? load<scalar_t, acc_t>(X, base[k] + l.y * xv.s_class) : acc_t(0);
-        log_d[k] = std::log(s.d[k]);
-        log_dw[k] = weighted_energy ? std::log(s.dw[k]) : acc_t(0);
-      } else {
-        is_id[k] = is_ood[k] = invalid[k] = v_y[k] = log_d[k] = log_dw[k] = 0;
-      }
-    }
+    const acc_t *is_id = labels.is_id, *is_ood = labels.is_ood, *invalid = labels.invalid, *v_y = s.v_y;
+    alignas(64) acc_t log_d[T];
     const Vec zero(acc_t(0)), vnan(std::numeric_limits<acc_t>::quiet_NaN());
     const Vec valpha(p.alpha), vm_in(p.m_in), vm_out(p.m_out), vC(static_cast<acc_t>(p.n_classes));
     alignas(64) acc_t lo[T], sm[T], en[T];
     for (int64_t o = 0; o < T; o += V) {
       const Vec m = Vec::blendv(Vec::loadu(s.m + o), vnan, Vec::loadu(s.nan + o) != zero);
-      const Vec ld = Vec::loadu(log_d + o);
+      // SLEEF's 1-ulp vector log (the scalar path's std::log, a lane at a time, cost more than the tile's exps)
+      const Vec ld = Vec::loadu(s.d + o).log();
+      ld.store(log_d + o);
       const Vec lse = m + ld;
       Vec loss_id = (m - Vec::loadu(v_y + o)) + ld;
       Vec loss_ood = zero;
@@ -753,7 +804,7 @@ struct RowKernel {
       value.store(lo + o);
       m.store(sm + o);
       // E = −lse, or the max-subtracted weighted energy −(m + ln d_w) (fix g)
-      if (energy != nullptr) (weighted_energy ? m + Vec::loadu(log_dw + o) : lse).neg().store(en + o);
+      if (energy != nullptr) (weighted_energy ? m + Vec::loadu(s.dw + o).log() : lse).neg().store(en + o);
     }
     std::copy(lo, lo + count, loss + r0);
     std::copy(sm, sm + count, stats + r0);
@@ -791,6 +842,7 @@ struct RowKernel {
       acc_t mult[T], norms[T];
       Stats<acc_t> s[T];
       TileLanes<acc_t> lanes;
+      TileLabels labels;
       const bool vec = vector_epilogue();
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = t * T, count = std::min(T, R - r0);
@@ -804,8 +856,9 @@ struct RowKernel {
         }
         for (int64_t k = count; k < T; ++k) mult[k] = 1;
         if (vec) {
-          tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, false, chunk, lanes, ex);
-          finish_tile(r0, count, base, ybase, lanes, loss, stats);
+          tile_labels(count, ybase, labels);
+          tile_lanes<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, false, chunk, lanes, ex, labels.col);
+          finish_tile(r0, count, labels, lanes, loss, stats);
           continue;
         }
         tile_stats<scalar_t, acc_t>(X, base, contiguous, count, C, xv.s_class, mult, p.kind == LOGIT_NORM, chunk, s, ex);
@@ -1020,13 +1073,8 @@ struct RowKernel {
             dcontiguous = dcontiguous && dbase[k] == dbase[0] + k;
           }
           if (vec) {
+            // mult = 1, δ = 0 and h = 0: none of them is read (no LogitNorm term, no e_j* term)
             tile_grad_coefficients(r0, count, ybase, stats, G, s_g, a, bk, cc, lse, nge, en, yk);
-            for (int64_t k = 0; k < T; ++k) {
-              mult[k] = 1;
-              delta[k] = 0;
-              hk[k] = k < count ? G[(r0 + k) * s_g] * acc_t(0) : acc_t(0);  // γ·h with h = 0, signed as before
-              jk[k] = k < count ? static_cast<int64_t>(stats[2 * R + r0 + k]) : -1;
-            }
           } else {
             for (int64_t k = 0; k < T; ++k) {
               const Grad g = k < count ? grad_coefficients(r0 + k, y.data[ybase[k]], stats, G, s_g)
@@ -1080,7 +1128,7 @@ struct RowKernel {
             if (direct) continue;  // its one-hot terms are added after the class loop, in ACC all the same
             for (int64_t k = 0; k < count; ++k) {
               if (yk[k] == c) o[k] += bk[k];
-              if (jk[k] == c) o[k] += hk[k];
+              if (!vec && jk[k] == c) o[k] += hk[k];
             }
             if (dcontiguous) {
               scalar_t* dst = D + dbase[0] + c * dv.s_class;
@@ -1093,7 +1141,7 @@ struct RowKernel {
             if (dcontiguous && count == T) {
               for (int64_t k = 0; k < count; ++k) {
                 if (yk[k] >= 0) D[dbase[k] + yk[k] * dv.s_class] += bk[k];
-                if (jk[k] >= 0) D[dbase[k] + jk[k] * dv.s_class] += hk[k];
+                if (!vec && jk[k] >= 0) D[dbase[k] + jk[k] * dv.s_class] += hk[k];
               }
             }
           }

@@ -156,14 +156,25 @@ def test_cpp_dtypes(monkeypatch, name, shape, dtype):
     testing.assert_close(grads[0], ref_grads[0], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8])
+@pytest.mark.parametrize("chunk", [1, 3, 8, None], ids=lambda c: f"chunk{c or '-default'}")
+@pytest.mark.parametrize("shape", [(9, 37), (2, 37, 6, 5)], ids=str)
 @pytest.mark.parametrize("name", ["EnergyRegularizedLoss", "OutlierExposureLoss", "LogitNorm", "MarginConfidenceLoss"])
-def test_cpp_class_chunks_agree(monkeypatch, name, chunk):
-    """Forced class chunks below C = 37 merge online across chunks (the row traversal's long-row path)."""
-    logits = _logits((9, 37))
-    logits[2, 30] = logits[2, 5] = 9.0  # a tie across chunks: the first index is the argmax
-    targets = _targets((9, 37), "mixed", n_classes=37)
+def test_cpp_class_chunks_agree(monkeypatch, name, shape, chunk):
+    """Class chunks of C = 37 merge online across chunks, in both traversals: forced small chunks, and the
+    default ones (one chunk per row; two for the entry tiles, whose chunks hold 24 classes)."""
+    if len(shape) == 4 and name in CLASSIFICATION_ONLY:
+        pytest.skip(f"{name} is classification only")
+    logits = _logits(shape)
+    row = logits.movedim(1, -1).reshape(-1, 37)  # a view: entry r's classes
+    row[2, 30] = row[2, 5] = 9.0  # a tie across chunks: the first index is the argmax
+    row[3, 28] = 1e4  # a far larger maximum in the second default tile chunk: the first chunk's sums rescale to 0
+    row[4, :] = float("-inf")  # -inf everywhere ...
+    row[4, 33] = 1.0  # ... but in the last chunk
+    targets = _targets(shape, "mixed", n_classes=37)
     criterion = _criteria(37)[name]()
+    if chunk is None:
+        _compare(monkeypatch, criterion, [logits, targets])
+        return
     with row_ops.forced_blocks(1, chunk):
         _compare(monkeypatch, criterion, [logits, targets])
 
