@@ -45,7 +45,6 @@ entry's value is NaN), plus the per-criterion warnings and errors documented bel
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Callable
 from typing import Optional
 
@@ -144,7 +143,6 @@ _BACKGROUND_LABEL_NAME = "targets (OOD entries mapped to the background class)"
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
 class RowSetup:
     """Everything a row criterion needs besides the per-row math, from :func:`prepare_rows`.
 
@@ -156,6 +154,7 @@ class RowSetup:
     :ivar targets: ``(R,)`` int64 labels after any remapping (background: OOD entries -> ``n_classes``);
         ignored entries keep their label (``ignore_index``)
     :ivar valid: ``(R,)`` bool, False at ignored entries
+    :ivar all_valid: True when no entry can be ignored (``ignore_index`` is None): ``valid`` is all True
     :ivar is_id: ``(R,)`` bool, ``valid & targets >= 0`` (after the remap: every valid background entry)
     :ivar is_ood: ``(R,)`` bool, ``valid & targets < 0``
     :ivar weight: ``(R,)`` per-entry weights in ``acc`` (differentiable), or None
@@ -163,19 +162,57 @@ class RowSetup:
     :ivar shape: the targets' original shape (of ``'none'`` outputs)
     :ivar checks: the queued data checks; the caller flushes them once, after :func:`reduce_rows`
     :ivar ignore_index: the ignored label, or None
+
+    The masks are computed on first use and kept: a fused criterion whose reduction needs none of them
+    (outlier exposure's ``'mean'`` without ``ignore_index``) never builds them.
     """
 
-    out: torch.dtype
-    acc: torch.dtype
-    targets: Tensor
-    valid: Tensor
-    is_id: Tensor
-    is_ood: Tensor
-    weight: Optional[Tensor]
-    cost: Optional[Tensor]
-    shape: torch.Size
-    checks: DataChecks
-    ignore_index: Optional[int] = None
+    def __init__(
+        self,
+        *,
+        out: torch.dtype,
+        acc: torch.dtype,
+        targets: Tensor,
+        weight: Optional[Tensor],
+        cost: Optional[Tensor],
+        shape: torch.Size,
+        checks: DataChecks,
+        ignore_index: Optional[int] = None,
+        valid: Optional[Tensor] = None,
+    ):
+        self.out = out
+        self.acc = acc
+        self.targets = targets
+        self.weight = weight
+        self.cost = cost
+        self.shape = shape
+        self.checks = checks
+        self.ignore_index = ignore_index
+        self.all_valid = ignore_index is None
+        self._valid = valid
+        self._is_id: Optional[Tensor] = None
+        self._is_ood: Optional[Tensor] = None
+
+    @property
+    def valid(self) -> Tensor:
+        if self._valid is None:
+            if self.all_valid:
+                self._valid = torch.ones(self.targets.shape, dtype=torch.bool, device=self.targets.device)
+            else:
+                self._valid = self.targets != self.ignore_index
+        return self._valid
+
+    @property
+    def is_id(self) -> Tensor:
+        if self._is_id is None:
+            self._is_id = self.targets >= 0 if self.all_valid else self.valid & (self.targets >= 0)
+        return self._is_id
+
+    @property
+    def is_ood(self) -> Tensor:
+        if self._is_ood is None:
+            self._is_ood = self.targets < 0 if self.all_valid else self.valid & (self.targets < 0)
+        return self._is_ood
 
 
 def _check_kind(kind: str) -> None:
@@ -308,32 +345,33 @@ def prepare_rows(
 
     checks = DataChecks(logits, targets, weight)
     flat = targets.reshape(-1).long()
-    if ignore_index is None:
-        valid = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
-    else:
-        valid = flat != ignore_index
+    # without ignore_index every entry is valid: no mask is built (nor applied) for that
+    valid = None if ignore_index is None else flat != ignore_index
     if warn_ood is None:
         warn_ood = kind == "logit_norm"
     if warn_ood:
-        checks.warn_if((valid & (flat < 0)).any(), DROP_UNKNOWN_MESSAGE)
+        checks.warn_if((flat < 0).any() if valid is None else (valid & (flat < 0)).any(), DROP_UNKNOWN_MESSAGE)
+
+    def unless_ignored(labels: Tensor) -> Tensor:
+        """``labels`` with the ignored entries at -1 (below every label check)."""
+        return labels if valid is None else torch.where(valid, labels, torch.full_like(labels, -1))
 
     label_name = targets_name
     if kind == "background":
         if checks.active and flat.numel():
             # the max (non-ignored) label when one is too large, else -1 (no action)
-            top = torch.where(valid, flat, torch.full_like(flat, -1)).max()
+            top = unless_ignored(flat).max()
             checks.add(torch.where(top >= n_classes, top, torch.full_like(top, -1)), _label_too_large())
-        flat = torch.where(valid & (flat < 0), torch.full_like(flat, n_classes), flat)
+        is_ood = flat < 0 if valid is None else valid & (flat < 0)
+        flat = torch.where(is_ood, torch.full_like(flat, n_classes), flat)
         label_name = _BACKGROUND_LABEL_NAME
     if checks.active:
-        checks.check_labels_below(torch.where(valid, flat, torch.full_like(flat, -1)), n_columns, name=label_name)
+        checks.check_labels_below(unless_ignored(flat), n_columns, name=label_name)
     return RowSetup(
         out=out,
         acc=acc,
         targets=flat,
         valid=valid,
-        is_id=valid & (flat >= 0),
-        is_ood=valid & (flat < 0),
         weight=flat_weight,
         cost=cost,
         shape=targets.shape,
@@ -365,21 +403,27 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
     """
     _check_kind(kind)
     _check_reduction_of(kind, reduction)
-    mask = setup.is_id if kind in _ID_ONLY_KINDS else setup.valid
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    values = torch.where(mask, values, zero)
+    id_only = kind in _ID_ONLY_KINDS
+    # the mask of the contributing entries; with every entry valid, the valid mask would select everything
+    masked = id_only or not setup.all_valid
+    if masked:
+        mask = setup.is_id if id_only else setup.valid
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        values = torch.where(mask, values, zero)
     if setup.weight is not None:
-        values = values * torch.where(mask, setup.weight.to(values.dtype), zero)
+        weight = setup.weight.to(values.dtype)
+        values = values * (torch.where(mask, weight, zero) if masked else weight)
     if reduction == "sum":
         return values.sum().to(setup.out)
     if reduction == "mean":
-        if kind in _ID_ONLY_KINDS:
+        if id_only:
             return masked_mean(values, setup.is_id).to(setup.out)
         if kind in ("energy", "confidence_penalty", "margin_confidence"):
             loss = masked_mean(values, setup.is_id) + masked_mean(values, setup.is_ood)
             return loss.to(setup.out)
         # PyTorch's convention: divide by the (unclamped) count, so an empty batch gives NaN
-        return (values.sum() / setup.valid.sum().to(values.dtype)).to(setup.out)
+        count = float(values.numel()) if setup.all_valid else setup.valid.sum().to(values.dtype)
+        return (values.sum() / count).to(setup.out)
     if kind == "logit_norm":
         return select_id_rows(values, setup.is_id).to(setup.out)
     return values.reshape(setup.shape).to(setup.out)
