@@ -262,6 +262,18 @@ inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
   }
 }
 
+// vexp where the caller may know that no argument is NaN or +inf (`finite_or_minus_inf`: a chunk without NaN and
+// with a finite max, or a row with a finite lse, whose arguments are then finite or -inf): the special-value
+// pass-through would select nothing there and is skipped
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp_known(const at::vec::Vectorized<acc_t>& x, bool finite_or_minus_inf) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return finite_or_minus_inf ? x.exp_u20() : vexp<acc_t>(x);
+  } else {
+    return x.exp();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // class-contiguous traversal: one row, vectorised over classes
 // ---------------------------------------------------------------------------------------------
@@ -343,12 +355,14 @@ Stats<acc_t> row_stats(
     }
     // 3. Σ exp(v − shift) over the cached chunk (one exp per element), merged into the running sums
     const acc_t shift = s.shift_for(cmax);
+    // v − shift is NaN or +inf only with a NaN or a +inf max in the chunk (a +inf running max makes it -inf)
+    const bool plain_exp = !nan && cmax != std::numeric_limits<acc_t>::infinity();
     const Vec vshift(shift), zero(acc_t(0));
     Vec vexp_sum(acc_t(0)), vdw(acc_t(0)), vex(acc_t(0));
     acc_t raw[V];
     for (c = 0; c < n_vec; c += V) {
       // the exact entropy lse − E_p[x] cancels: its p needs the 1-ulp exp (exp_u20's 2e-6 would show)
-      const Vec p = ex.expect ? (Vec::loadu(vals + c) - vshift).exp() : vexp<acc_t>(Vec::loadu(vals + c) - vshift);
+      const Vec p = ex.expect ? (Vec::loadu(vals + c) - vshift).exp() : vexp_known<acc_t>(Vec::loadu(vals + c) - vshift, plain_exp);
       vexp_sum = vexp_sum + p;
       if (ex.wr != nullptr) vdw = vdw + p * Vec::loadu(ex.wr + c0 + c);
       if (ex.expect) {
@@ -439,11 +453,14 @@ acc_t row_clamped_entropy(const scalar_t* x, int64_t n, acc_t mult, acc_t m, acc
 // entry-tile traversal: TILE entries at once, vectorised over entries, classes looped
 // ---------------------------------------------------------------------------------------------
 
-// 256 fp32 / 128 fp64 entries: per class a 1 KiB contiguous run of an NCHW map (long runs for the
-// prefetchers; 32-entry tiles touched 19+ streams H·W apart per 128 B), the tile's per-entry state in L1
+// 256 fp32 / 128 fp64 entries, whatever the vector width: per class a 1 KiB contiguous run of an NCHW map
+// (long runs for the prefetchers; 32-entry tiles touched 19+ streams H·W apart per 128 B), the tile's
+// per-entry state in L1
 template <typename acc_t>
 constexpr int64_t tile_size() {
-  return 32 * at::vec::Vectorized<acc_t>::size();
+  constexpr int64_t entries = 1024 / static_cast<int64_t>(sizeof(acc_t));
+  static_assert(entries % at::vec::Vectorized<acc_t>::size() == 0, "a tile is whole vectors");
+  return entries;
 }
 
 // x[base[k] + c·s_class] for the tile's entries, in ACC: a full contiguous run of ACC values is used in
@@ -1007,6 +1024,8 @@ struct RowKernel {
             const scalar_t* x = X + xv.offset(r);
             scalar_t* out = D + dv.offset(r);
             const Vec va(g.a), vc(g.c), vmult(g.mult), vlse(g.lse), vdelta(g.delta), vnge(-g.ge), venergy(g.energy);
+            // a finite lse: the row has no NaN and no +inf, so z − lse is finite or -inf
+            const bool plain_exp = std::isfinite(g.lse);
             for (int64_t c0 = 0; c0 < C; c0 += chunk) {
               const int64_t len = std::min(chunk, C - c0);
               int64_t c = 0;
@@ -1018,7 +1037,7 @@ struct RowKernel {
                   for (int64_t k = 0; k < V; ++k) buf[c + k] = load<scalar_t, acc_t>(x, c0 + c + k);
                   xv_ = Vec::loadu(buf.data() + c);
                 }
-                Vec gv = va * vexp<acc_t>(xv_ * vmult - vlse) + vc;
+                Vec gv = va * vexp_known<acc_t>(xv_ * vmult - vlse, plain_exp) + vc;
                 // only LogitNorm has the δ·x term (elsewhere 0·x would turn -inf logits into NaN)
                 if (logit_norm) gv = gv + vdelta * xv_;
                 if (weighted) {
@@ -1092,6 +1111,9 @@ struct RowKernel {
               jk[k] = g.j_star;
             }
           }
+          // every lane's lse finite (padding lanes: 0): no NaN and no +inf in the tile, z − lse is finite or -inf
+          bool plain_exp = true;
+          for (int64_t k = 0; k < T; ++k) plain_exp = plain_exp && std::isfinite(lse[k]);
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* x = tile_class<scalar_t, acc_t>(X, base, contiguous, count, c, xv.s_class, buf);
             // a full contiguous fp32/fp64 run is written in place (one-hot terms added there, still in ACC)
@@ -1108,7 +1130,8 @@ struct RowKernel {
               const Vec xs = Vec::loadu(x + j * V);
               // mult = 1 except for LogitNorm (x·1 would be a multiply per element for nothing)
               const Vec z = logit_norm ? xs * Vec::loadu(mult + j * V) : xs;
-              Vec gv = Vec::loadu(a + j * V) * vexp<acc_t>(z - Vec::loadu(lse + j * V)) + Vec::loadu(cc + j * V);
+              Vec gv = Vec::loadu(a + j * V) * vexp_known<acc_t>(z - Vec::loadu(lse + j * V), plain_exp) +
+                  Vec::loadu(cc + j * V);
               if (logit_norm) gv = gv + Vec::loadu(delta + j * V) * xs;
               if (weighted) {
                 // padding lanes have γ_E = 0: their dq is 0

@@ -451,7 +451,8 @@ def test_cpp_int32_targets_read_like_int64(monkeypatch):
 
 def test_compile_flags_vectorise_where_the_cpu_can():
     assert "-DCPU_CAPABILITY_AVX2" in _cpp.compile_flags("AVX2")
-    assert "-DCPU_CAPABILITY_AVX2" in _cpp.compile_flags("AVX512")
+    avx512 = _cpp.compile_flags("AVX512")
+    assert "-DCPU_CAPABILITY_AVX512" in avx512 and "-mavx512f" in avx512 and "-DCPU_CAPABILITY_AVX2" not in avx512
     default = _cpp.compile_flags("DEFAULT")
     assert "-O3" in default and not any("CPU_CAPABILITY" in f or f.startswith("-m") for f in default)
 
