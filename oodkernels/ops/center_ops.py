@@ -248,6 +248,8 @@ def _loss_setup_context(ctx, inputs, output):
     x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d = inputs
     _, stats = output
     ctx.mark_non_differentiable(stats)
+    # no zero-filled gradient for the statistics: they never receive one
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, centers, targets, margin, stats)
     ctx.params = (kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)
 
@@ -257,7 +259,7 @@ def _loss_backward(ctx, grad_values, grad_stats):
     nones = (None,) * 11
     need_x = ctx.needs_input_grad[0]
     need_m = centers is not None and ctx.needs_input_grad[1]
-    if not (need_x or need_m):
+    if not (need_x or need_m) or grad_values is None:
         return (None, None, *nones)
     g = torch.ops.oodkernels.center_loss_bwd(grad_values, x, centers, targets, margin, stats, *ctx.params)
     if centers is None:

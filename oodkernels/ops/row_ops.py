@@ -156,6 +156,8 @@ def _fwd_setup_context(ctx, inputs, output):
     logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c = inputs
     _, stats = output
     ctx.mark_non_differentiable(stats)
+    # no zero-filled (N_STATS, R) gradient for the statistics: they never receive one
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, cost, stats)
     ctx.params = (kind, alpha, m_in, m_out, ignore_index, block_r, block_c)
 
@@ -163,7 +165,7 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_values, grad_stats):
     logits, targets, cost, stats = ctx.saved_tensors
     grad_logits = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_values is not None:
         grad_logits = torch.ops.oodkernels.row_loss_bwd(grad_values, logits, targets, cost, stats, *ctx.params)
     return grad_logits, None, None, None, None, None, None, None, None, None
 
@@ -324,13 +326,15 @@ def _energy_fwd_setup_context(ctx, inputs, output):
     logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c, class_weight = inputs
     _, energy, stats = output
     ctx.mark_non_differentiable(stats)
+    # an unused output's gradient arrives as None (made zero below only when the other one is used)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, cost, stats, energy, class_weight)
     ctx.params = (kind, alpha, m_in, m_out, ignore_index, block_r, block_c)
 
 
 def _energy_fwd_backward(ctx, grad_values, grad_energy, grad_stats):
     logits, targets, cost, stats, energy, class_weight = ctx.saved_tensors
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[10]):
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[10]) or (grad_values is None and grad_energy is None):
         return (None,) * 11
     if grad_values is None:
         grad_values = torch.zeros_like(energy)

@@ -65,7 +65,6 @@ from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
 from ._common import check_targets
-from ._common import masked_mean
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import row_uniform_cross_entropy
@@ -417,16 +416,40 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
         return values.sum().to(setup.out)
     if reduction == "mean":
         if id_only:
-            return masked_mean(values, setup.is_id).to(setup.out)
+            # values are exactly 0 outside is_id (masked above): the masked mean is their sum over the ID count
+            return (values.sum() / _group_count(setup.is_id, values.dtype)).to(setup.out)
         if kind in ("energy", "confidence_penalty", "margin_confidence"):
-            loss = masked_mean(values, setup.is_id) + masked_mean(values, setup.is_ood)
-            return loss.to(setup.out)
+            return _id_mean_plus_ood_mean(values, setup).to(setup.out)
         # PyTorch's convention: divide by the (unclamped) count, so an empty batch gives NaN
         count = float(values.numel()) if setup.all_valid else setup.valid.sum().to(values.dtype)
         return (values.sum() / count).to(setup.out)
     if kind == "logit_norm":
         return select_id_rows(values, setup.is_id).to(setup.out)
     return values.reshape(setup.shape).to(setup.out)
+
+
+def _group_count(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The number of True entries of ``mask``, at least 1 (an empty group's sum of zeros stays 0), as ``dtype``."""
+    return torch.count_nonzero(mask).clamp(min=1).to(dtype)
+
+
+def _id_mean_plus_ood_mean(values: Tensor, setup: RowSetup) -> Tensor:
+    """``mean_I + mean_O`` (an empty group adds an attached 0) as one weighted sum ``Σ_i w_i·ℓ_i`` with
+    ``w_i = 1/N_I`` at ID entries and ``1/N_O`` at OOD ones: one pass over ``values``, and one backward op.
+
+    ``values`` must already be exactly 0 at the entries of neither group (ignored ones).
+    """
+    dtype = values.dtype
+    n_ood = torch.count_nonzero(setup.is_ood)
+    inv_ood = n_ood.clamp(min=1).to(dtype).reciprocal()
+    if setup.all_valid:  # every entry is ID or OOD: N_I = R - N_O
+        inv_id = (values.numel() - n_ood).clamp(min=1).to(dtype).reciprocal()
+        weight = torch.where(setup.is_ood, inv_ood, inv_id)
+    else:
+        inv_id = _group_count(setup.is_id, dtype).reciprocal()
+        zero = torch.zeros((), dtype=dtype, device=values.device)
+        weight = torch.where(setup.is_id, inv_id, torch.where(setup.is_ood, inv_ood, zero))
+    return (values * weight).sum()
 
 
 # ----------------------------------------------------------------------------------------------
