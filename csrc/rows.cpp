@@ -224,7 +224,7 @@ struct Stats {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   acc_t d = 0, sum_v = 0;
   acc_t d_w = 0;     // Σ relu(w_c)·exp(v_c − m) (weighted energy only)
-  acc_t expect = 0;  // Σ exp(v_c − m)·x_c (exact entropy only)
+  acc_t expect = 0;  // Σ exp(v_c − m)·x_c (exact entropy, LogitNorm's ρ)
   int64_t j_star = 0;
   bool has_nan = false;
 
@@ -239,7 +239,7 @@ struct Stats {
 template <typename acc_t>
 struct Extras {
   const acc_t* wr = nullptr;  // relu(w) (C,): d_w for the weighted energy
-  bool expect = false;        // Σ exp(v − m)·x for the exact entropy
+  bool expect = false;        // Σ exp(v − m)·x for the exact entropy and LogitNorm's ρ
 };
 
 template <typename scalar_t, typename acc_t>
@@ -281,8 +281,27 @@ inline at::vec::Vectorized<acc_t> vexp_known(const at::vec::Vectorized<acc_t>& x
 // Σ_c x_c² of one row with class stride 1 (LogitNorm's norm pass)
 template <typename scalar_t, typename acc_t>
 acc_t row_sq_norm(const scalar_t* x, int64_t n, int64_t stride) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
   acc_t sq = 0;
-  for (int64_t c = 0; c < n; ++c) {
+  if (stride == 1) {  // vectorised over the classes (bf16/fp16 widened V at a time)
+    Vec acc(acc_t(0));
+    alignas(64) acc_t tmp[V];
+    for (; c + V <= n; c += V) {
+      Vec v;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        v = Vec::loadu(x + c);
+      } else {
+        for (int64_t k = 0; k < V; ++k) tmp[k] = load<scalar_t, acc_t>(x, c + k);
+        v = Vec::loadu(tmp);
+      }
+      acc = at::vec::fmadd(v, v, acc);
+    }
+    acc.store(tmp);
+    for (int64_t k = 0; k < V; ++k) sq += tmp[k];
+  }
+  for (; c < n; ++c) {
     const acc_t v = load<scalar_t, acc_t>(x, c * stride);
     sq += v * v;
   }
@@ -714,22 +733,11 @@ struct RowKernel {
     return std::sqrt(row_sq_norm<scalar_t, acc_t>(X + base, p.n_classes, xv.s_class));
   }
 
-  // LogitNorm's ρ = E_softmax(v)[x] − x_y (p = 0 lanes select 0, so -inf logits give no 0·inf)
-  acc_t rho(int64_t base, const Stats<acc_t>& s, acc_t mult, int64_t target) const {
-    acc_t e = 0;
-    const acc_t shift = s.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : s.m;
-    for (int64_t c = 0; c < p.n_classes; ++c) {
-      const acc_t x = load<scalar_t, acc_t>(X, base + c * xv.s_class);
-      const acc_t q = std::exp(x * mult - shift);
-      e += q * (q > 0 ? x : acc_t(0));
-    }
-    const acc_t x_y = target >= 0 ? load<scalar_t, acc_t>(X, base + target * xv.s_class) : acc_t(0);
-    return e / s.d - x_y;
-  }
-
   Extras<acc_t> extras() const {
     Extras<acc_t> ex;
     ex.wr = energy != nullptr ? wr : nullptr;
+    // LogitNorm's ρ = E_softmax(v)[x] − x_y needs Σ exp(v − m)·x: summed in the statistics pass itself
+    ex.expect = p.kind == LOGIT_NORM;
     return ex;
   }
 
@@ -749,7 +757,9 @@ struct RowKernel {
     stats[R + r] = log_d;
     stats[2 * R + r] = static_cast<acc_t>(s.j_star);
     stats[3 * R + r] = norm_r;
-    stats[4 * R + r] = p.kind == LOGIT_NORM ? rho(base, s, mult, l.y) : acc_t(0);
+    // LogitNorm's ρ = E_softmax(v)[x] − x_y (x raw, p = 0 lanes adding 0: no 0·inf)
+    const acc_t x_y = l.y >= 0 ? load<scalar_t, acc_t>(X, base + l.y * xv.s_class) : acc_t(0);
+    stats[4 * R + r] = p.kind == LOGIT_NORM ? s.expect / s.d - x_y : acc_t(0);
     // E = −lse, or the max-subtracted weighted energy −(m + ln d_w) (fix g)
     if (energy != nullptr) energy[r] = wr != nullptr ? -(s.m + std::log(s.d_w)) : -(s.m + log_d);
   }
