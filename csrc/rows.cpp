@@ -324,7 +324,7 @@ Stats<acc_t> row_stats(
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (in_place) vals = x + c0;
     }
-    Vec vmax(neg_inf), vsum(acc_t(0)), vnan(acc_t(0));
+    Vec vmax(neg_inf), vsum(acc_t(0));
     const Vec vmult(mult);
     int64_t c = 0;
     for (; c + V <= len; c += V) {
@@ -340,9 +340,10 @@ Stats<acc_t> row_stats(
         v = Vec::loadu(buf + c) * vmult;
         v.store(buf + c);
       }
-      vmax = at::vec::maximum(vmax, v);
+      // a plain max (no NaN propagation) and no NaN flag per vector: a NaN makes the chunk's Σv NaN, and
+      // only then is the chunk rescanned for one (a NaN row's m, lse and gradient are NaN whatever its max)
+      vmax = at::vec::clamp_min(v, vmax);
       vsum = vsum + v;
-      vnan = vnan | (v != v);
     }
     acc_t cmax = neg_inf, csum = 0;
     bool nan = false;
@@ -357,9 +358,19 @@ Stats<acc_t> row_stats(
     vmax.store(lanes);
     for (int64_t k = 0; k < V; ++k) cmax = (lanes[k] > cmax) ? lanes[k] : cmax;
     vsum.store(lanes);
-    for (int64_t k = 0; k < V; ++k) csum += lanes[k];
-    vnan.store(lanes);
-    for (int64_t k = 0; k < V; ++k) nan = nan || lanes[k] != 0;
+    bool sum_nan = false;
+    for (int64_t k = 0; k < V; ++k) {
+      csum += lanes[k];
+      sum_nan = sum_nan || lanes[k] != lanes[k];
+    }
+    if (sum_nan) {  // a NaN, or only +inf + (-inf): look
+      const int64_t n_vec = len - len % V;
+      const acc_t* vals_nan = buf;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (in_place) vals_nan = x + c0;
+      }
+      for (int64_t i = 0; i < n_vec && !nan; ++i) nan = vals_nan[i] != vals_nan[i];
+    }
     s.has_nan = s.has_nan || nan;
     s.sum_v += csum;
     const int64_t n_vec = len - len % V;  // [0, n_vec) in `vals`, the tail in `buf`
