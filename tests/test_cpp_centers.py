@@ -119,7 +119,7 @@ def test_cpp_ops_are_used_and_reported(cpp, monkeypatch):
         raise AssertionError("a Triton launcher ran on the cpp backend")
 
     for name in ("loss_forward", "loss_backward", "sq_distances", "sq_distances_grad"):
-        monkeypatch.setattr(center_ops._kernels, name, forbidden)
+        monkeypatch.setattr(center_ops._launchers(), name, forbidden)
     z = features().requires_grad_()
     criterion = ok.loss.CenterLoss(n_classes=K, n_dim=D)
     criterion(criterion.distance(z), labels("mixed")).backward()

@@ -323,9 +323,9 @@ def test_cpp_is_used_and_reported(cpp, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the Triton launcher ran on the cpp backend")
 
-    monkeypatch.setattr(row_ops._kernels, "row_loss_forward", fail)
-    monkeypatch.setattr(row_ops._kernels, "row_loss_backward", fail)
-    monkeypatch.setattr(row_ops._kernels, "row_scores", fail)
+    monkeypatch.setattr(row_ops._launchers(), "row_loss_forward", fail)
+    monkeypatch.setattr(row_ops._launchers(), "row_loss_backward", fail)
+    monkeypatch.setattr(row_ops._launchers(), "row_scores", fail)
     logits = _logits((6, C)).requires_grad_()
     targets = _targets(logits.shape, "mixed", n_classes=C - 1)
     for make in _criteria().values():

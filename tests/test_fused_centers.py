@@ -549,7 +549,7 @@ def test_warnings_and_errors(monkeypatch, backend):
 
 
 def test_fused_kernels_are_used(fused, monkeypatch):
-    calls = spy_calls(monkeypatch, center_ops._kernels, "loss_forward", "sq_distances")
+    calls = spy_calls(monkeypatch, center_ops._launchers(), "loss_forward", "sq_distances")
     criterion = ok.loss.CenterLoss(n_classes=K, n_dim=D)
     z = features()
     criterion(criterion.distance(z), labels("mixed"))

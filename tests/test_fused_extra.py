@@ -348,7 +348,7 @@ def test_vos_synthesis_fused_equals_reference(monkeypatch):
 
 
 def test_fused_kernels_are_used(monkeypatch):
-    calls = spy_calls(monkeypatch, row_ops._kernels, "row_loss_energy_forward")
+    calls = spy_calls(monkeypatch, row_ops._launchers(), "row_loss_energy_forward")
     use_backend(monkeypatch, "triton")
     logits, targets = rand_logits((6, C)), rand_targets((6,), "mixed")
     phi, weights = vos_modules()

@@ -302,13 +302,13 @@ def test_fused_no_grad_forward(fused):
 def test_fused_is_used(fused, monkeypatch):
     """The triton backend really runs the kernels (not the reference) for the row criteria."""
     calls = []
-    original = row_ops._kernels.row_loss_forward
+    original = row_ops._launchers().row_loss_forward
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(row_ops._kernels, "row_loss_forward", spy)
+    monkeypatch.setattr(row_ops._launchers(), "row_loss_forward", spy)
     logits = _logits((6, C))
     targets = _targets(logits.shape, "mixed", n_classes=C - 1)  # valid for every criterion, background too
     for make in _criteria().values():

@@ -104,3 +104,18 @@ def test_readme_python_examples_run():
     assert blocks, "README.md has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_kernel_codes_agree_with_csrc():
+    """kernels/codes.py is the one Python definition of the ops' kind codes and statistics counts; csrc/ repeats
+    them as constexpr, and a mismatch would make the two backends compute different criteria."""
+    from oodkernels.kernels import codes
+
+    python = {name: value for name, value in vars(codes).items() if name.isupper()}
+    center = {"CAC", "CENTER", "MCHAD", "CENTER_N_STATS"}
+    for source, names, prefix in (("rows.cpp", python.keys() - center, "ROW_"), ("centers.cpp", center, "CENTER_")):
+        text = (ROOT / "csrc" / source).read_text()
+        cpp = {name: int(value) for name, value in re.findall(r"constexpr int64_t (\w+) = (\d+);", text)}
+        for name in sorted(names):
+            value = cpp.get(name.removeprefix(prefix) if name.endswith("N_STATS") else name)
+            assert value == python[name], f"{name}: {python[name]} in codes.py, {value} in {source}"

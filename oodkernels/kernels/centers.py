@@ -49,13 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-# criterion kinds (constexpr KIND)
-CAC = 0
-CENTER = 1
-MCHAD = 2
-
-#: statistics saved per row by the forward: raw_y, S (CAC) or lse(−d) (MCHAD), T (CAC)
-N_STATS = 3
+# the KIND codes and the statistics count live in the triton-free codes module, which the ops import
+from .codes import CENTER_N_STATS
 
 CAC_EXPONENT_MAX = 50.0
 CENTER_CLAMP_MIN = 1e-12
@@ -229,7 +224,7 @@ def _center_loss_fwd_kernel(
     Y,  # (B,) labels, any integer dtype
     Margin,  # MCHAD's margin m, one element (unused otherwise)
     Values,  # (B,) ACC row values ℓ_i
-    Stats,  # (N_STATS, B) ACC
+    Stats,  # (CENTER_N_STATS, B) ACC
     n_rows,  # B
     n_centers,  # K
     n_dim,  # D
@@ -339,7 +334,7 @@ def _center_loss_bwd_kernel(
     Mn,
     Y,
     Margin,
-    Stats,  # (N_STATS, B) from the forward
+    Stats,  # (CENTER_N_STATS, B) from the forward
     Grad,  # (B, K) out: G = γ·∂ℓ/∂d (ACC), or dL/d(distances) with FROM_DIST (their dtype)
     n_rows,
     n_centers,
@@ -616,10 +611,10 @@ def loss_forward(
     tf32: bool = False,
     block_override=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused forward: ``(row values (B,), statistics (N_STATS, B))`` in ACC."""
+    """Launch the fused forward: ``(row values (B,), statistics (CENTER_N_STATS, B))`` in ACC."""
     n_rows, n_centers, n_dim, acc, mn, m, use_dot, upcast = _geometry(x, centers)
     values = torch.empty((n_rows,), dtype=acc, device=x.device)
-    stats = torch.empty((N_STATS, n_rows), dtype=acc, device=x.device)
+    stats = torch.empty((CENTER_N_STATS, n_rows), dtype=acc, device=x.device)
     if n_rows == 0:
         return values, stats
     bb, bk, bd, num_warps = launch_config(

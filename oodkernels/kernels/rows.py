@@ -72,25 +72,9 @@ import torch
 import triton
 import triton.language as tl
 
-# criterion kinds (constexpr KIND)
-CROSS_ENTROPY = 0
-OUTLIER_EXPOSURE = 1
-ENERGY = 2
-CONFIDENCE_PENALTY = 3
-MARGIN_CONFIDENCE = 4
-LOGIT_NORM = 5
-
-# score kinds (constexpr WHICH)
-SCORE_ENERGY = 0
-SCORE_MAX_SOFTMAX = 1
-SCORE_MAX_LOGIT = 2
-SCORE_ENTROPY = 3
-SCORE_WEIGHTED_ENERGY = 4
-SCORE_ENTROPY_EXACT = 5
-
-#: statistics saved per row by the forward, in ACC: max of v, ln d, argmax, and LogitNorm's row
-#: norm ‖x‖ and ρ (unused otherwise)
-N_STATS = 5
+# the KIND / WHICH codes and the statistics count live in the triton-free codes module, which the ops import
+from .codes import ROW_N_STATS
+from .codes import SCORE_WEIGHTED_ENERGY
 
 LOGIT_NORM_EPS = 1e-7
 ENTROPY_CLAMP = 1e-7
@@ -302,7 +286,7 @@ def _row_loss_fwd_kernel(
     Y,  # targets [outer, inner] through strides, any integer dtype
     Cost,  # (C, C) contiguous cost matrix (unused unless HAS_COST)
     Loss,  # (R,) row values, ACC
-    Stats,  # (N_STATS, R) statistics, ACC
+    Stats,  # (ROW_N_STATS, R) statistics, ACC
     W,  # (C,) class weights of the energy output (unused unless HAS_WEIGHT)
     Energy,  # (R,) energy output, ACC (unused unless RETURN_ENERGY)
     n_rows,  # R
@@ -400,7 +384,7 @@ def _row_loss_bwd_kernel(
     X,
     Y,
     Cost,
-    Stats,  # (N_STATS, R) from the forward
+    Stats,  # (ROW_N_STATS, R) from the forward
     Grad,  # fresh gradient, same shape as X, its own strides
     GE,  # (R,) upstream gradient of the energy output, any stride (unused unless HAS_ENERGY_GRAD)
     Energy,  # (R,) the forward's energy output (read only with HAS_WEIGHT)
@@ -636,7 +620,7 @@ def row_loss_forward(
     ignore_index: int | None,
     block_override=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward: ``(row values (R,), statistics (N_STATS, R))`` in ACC dtype."""
+    """Launch the forward: ``(row values (R,), statistics (ROW_N_STATS, R))`` in ACC dtype."""
     loss, _, stats = row_loss_energy_forward(
         logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, None, False, block_override
     )
@@ -656,7 +640,7 @@ def row_loss_energy_forward(
     return_energy: bool = True,
     block_override=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward with the energy output: ``(row values (R,), energy (R,), statistics (N_STATS, R))``.
+    """Launch the forward with the energy output: ``(row values (R,), energy (R,), statistics (ROW_N_STATS, R))``.
 
     ``energy`` is ``−lse`` of every row in range, or the weighted energy ``−(m + ln Σ_c relu(w_c)·e^(x_c − m))``
     with ``class_weight`` (C,) contiguous in ACC dtype (``w`` as given; the relu is applied in the kernel).
@@ -666,7 +650,7 @@ def row_loss_energy_forward(
     _, _, _, (sy_o, _, sy_h, sy_w) = row_view(targets, False)
     n_classes = logits.shape[1]
     loss = torch.empty((n_rows,), dtype=acc, device=logits.device)
-    stats = torch.empty((N_STATS, n_rows), dtype=acc, device=logits.device)
+    stats = torch.empty((ROW_N_STATS, n_rows), dtype=acc, device=logits.device)
     energy = torch.empty((n_rows if return_energy else 0,), dtype=acc, device=logits.device)
     if n_rows == 0:
         return loss, energy, stats

@@ -6,10 +6,11 @@ the csrc extension) through :func:`register_kernel`. At call time the backend is
 device of the first tensor argument and ``OODKERNELS_BACKEND``:
 
 =============  ===================================================================================
-``auto``       CUDA tensors -> triton; CPU tensors -> cpp if the extension is available, else the
-               reference.
+``auto``       CUDA tensors -> triton (the reference if triton is not installed); CPU tensors -> cpp
+               if the extension is available, else the reference. Neither needs the other.
 ``triton``     Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (how CI runs
-               the real kernels on a CPU). A CPU tensor without the interpreter is an error.
+               the real kernels on a CPU). A CPU tensor without the interpreter is an error, and so is
+               any tensor when triton is not installed.
 ``cpp``        the C++ extension for CPU tensors (an error if it cannot be built).
 ``reference``  the plain-PyTorch reference everywhere.
 =============  ===================================================================================
@@ -118,20 +119,30 @@ CPP_OPERATIONS = (
 )
 
 
-def _register_triton_family() -> str:
-    """Register the fused Triton row family; returns why it is unavailable, or ''."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+def _triton_installed() -> bool:
+    """Whether triton can be found, without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _register_fused_families() -> bool:
+    """Register the fused row and center families for cpp, and for triton when it is installed; returns
+    whether the Triton backend was registered.
+
+    The same fused functions serve both kernel backends: their custom ops send CPU tensors to the csrc
+    operators when :func:`select_backend` picks cpp (ops/row_ops.py, ops/center_ops.py) and import the
+    Triton launchers only on the Triton path, so the cpp registrations do not depend on triton.
+    """
     from . import centers
     from . import rows
 
-    for name, fn in (*rows.FUSED.items(), *centers.FUSED.items()):
+    fused = {**rows.FUSED, **centers.FUSED}
+    for name in CPP_OPERATIONS:
+        register_kernel("cpp", name, fused[name])
+    if not _triton_installed():
+        return False
+    for name, fn in fused.items():
         register_kernel("triton", name, fn)
-        # the same fused functions serve the C++ backend where their custom ops have csrc implementations
-        # (they dispatch CPU tensors to them, ops/row_ops.py), so select_backend reports cpp for CPU tensors
-        if name in CPP_OPERATIONS:
-            register_kernel("cpp", name, fn)
-    return ""
+    return True
 
 
 def register_kernel(backend: str, name: str, fn: Callable) -> None:
@@ -149,9 +160,8 @@ def triton_interpreting() -> bool:
 
 
 def triton_status() -> str:
-    """One line on the Triton installation, without importing it."""
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
+    """One line on the Triton installation as found when oodkernels was imported (triton itself is not imported)."""
+    if not _TRITON_REGISTERED:
         return "not installed"
     try:
         from importlib.metadata import version
@@ -170,6 +180,13 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
         return "reference", "OODKERNELS_BACKEND=reference"
     cuda = device.type == "cuda"
     if requested == "triton" or (requested == "auto" and cuda):
+        if not _TRITON_REGISTERED:
+            if requested == "triton":
+                raise RuntimeError(
+                    f"OODKERNELS_BACKEND=triton but triton is not installed ({name} on a {device.type} tensor; "
+                    "setup.py installs it on Linux only); use OODKERNELS_BACKEND=auto, cpp or reference"
+                )
+            return "reference", "triton is not installed"
         if not cuda and not triton_interpreting():
             if requested == "triton":
                 raise RuntimeError(
@@ -230,7 +247,8 @@ def _dispatched(name: str) -> Callable:
     return call
 
 
-_TRITON_UNAVAILABLE = _register_triton_family()
+#: whether triton was found at import, so that the Triton backend is registered
+_TRITON_REGISTERED = _register_fused_families()
 
 cross_entropy = _dispatched("cross_entropy")
 background_class_loss = _dispatched("background_class_loss")

@@ -26,6 +26,9 @@ Each op dispatches at call time: CPU tensors go to the C++ implementations in ``
 backend for the center family (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else
 goes to the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). There the cross term is an ATen GEMM
 on chunks of rows (``block_b > 0`` sets the rows per chunk), ``tf32``, ``block_k`` and ``block_d`` are unused.
+The launcher module imports triton, so it is imported by the first Triton call; the ``kind`` codes and the
+statistics count come from the triton-free :mod:`oodkernels.kernels.codes`, so this module (and with it the C++
+path) imports where triton is not installed.
 
 ``block_* = 0`` picks the launch heuristic; tests force small blocks (multi-tile paths) with
 :func:`forced_blocks`. TF32 for fp32 ``tl.dot`` is opt-in through :func:`tf32_dot` (about 1e-3 relative
@@ -40,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import centers as _kernels
+from ..kernels import codes
 
 _FORCED_BLOCKS: list = [None]
 _TF32: list = [False]
@@ -84,6 +87,14 @@ def _on_cpp(x: Tensor) -> bool:
     from . import select_backend  # the dispatch module imports this one: resolved at call time
 
     return select_backend(CENTER_FAMILY_OPERATION, x.device)[0] == "cpp"
+
+
+def _launchers():
+    """The Triton launchers (:mod:`oodkernels.kernels.centers`), imported by the first Triton call, never before:
+    that module imports triton, which need not be installed where the C++ backend serves every CPU call."""
+    from ..kernels import centers
+
+    return centers
 
 
 def _override(block_b: int, block_k: int, block_d: int):
@@ -132,7 +143,7 @@ def center_sq_distances(
 ) -> Tensor:
     if _on_cpp(x):
         return torch.ops.oodkernels.cpu_center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d)
-    return _kernels.sq_distances(x, centers, out_dtype, tf32, _override(block_b, block_k, block_d))
+    return _launchers().sq_distances(x, centers, out_dtype, tf32, _override(block_b, block_k, block_d))
 
 
 @center_sq_distances.register_fake
@@ -146,7 +157,7 @@ def center_sq_distances_bwd(
 ) -> Tensor:
     if _on_cpp(x):
         return torch.ops.oodkernels.cpu_center_sq_distances_bwd(grad, x, centers, tf32, block_b, block_k, block_d)
-    return _kernels.sq_distances_grad(grad, x, centers, tf32, _override(block_b, block_k, block_d))
+    return _launchers().sq_distances_grad(grad, x, centers, tf32, _override(block_b, block_k, block_d))
 
 
 @center_sq_distances_bwd.register_fake
@@ -198,7 +209,7 @@ def center_loss_fwd(
         return torch.ops.oodkernels.cpu_center_loss_fwd(
             x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d
         )
-    return _kernels.loss_forward(
+    return _launchers().loss_forward(
         x, centers, targets, margin, kind, (p0, p1, p2, p3), tf32, _override(block_b, block_k, block_d)
     )
 
@@ -206,7 +217,7 @@ def center_loss_fwd(
 @center_loss_fwd.register_fake
 def _(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d):
     acc = _acc(x, centers)
-    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((_kernels.N_STATS, x.shape[0]), dtype=acc)
+    return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((codes.CENTER_N_STATS, x.shape[0]), dtype=acc)
 
 
 @torch.library.custom_op("oodkernels::center_loss_bwd", mutates_args=())
@@ -231,7 +242,7 @@ def center_loss_bwd(
         return torch.ops.oodkernels.cpu_center_loss_bwd(
             grad_values, x, centers, targets, margin, stats, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d
         )
-    return _kernels.loss_backward(
+    return _launchers().loss_backward(
         grad_values, x, centers, targets, margin, stats, kind, (p0, p1, p2, p3), tf32,
         _override(block_b, block_k, block_d),
     )  # fmt: skip

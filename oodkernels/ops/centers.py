@@ -1,4 +1,4 @@
-"""The center-distance criteria on the fused Triton kernels, behind the reference's exact API.
+"""The center-distance criteria on the fused kernels (Triton; C++ on CPU), behind the reference's exact API.
 
 Each function has the signature, checks, warnings, errors and dtypes of its reference in
 :mod:`oodkernels.reference.centers` / :mod:`oodkernels.reference.distances`: the metadata checks, the ID mask
@@ -27,7 +27,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ..kernels import centers as _k
+from ..kernels import codes
 from ..reference import centers as _ref_centers
 from ..reference import distances as _ref
 from ..reference._common import DataChecks
@@ -79,7 +79,7 @@ def _cac_from(x, centers, targets, alpha, n_cols, checks_on, targets_name):
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
     checks.check_labels_below(targets, n_cols, targets_name)
-    values = _values(x, centers, targets, None, _k.CAC, (alpha, 0.0, 0.0, 0.0))
+    values = _values(x, centers, targets, None, codes.CAC, (alpha, 0.0, 0.0, 0.0))
     loss = masked_mean(values, is_id)
     checks.flush()
     return loss.to(out)
@@ -89,7 +89,7 @@ def _center_from(x, centers, targets, radius, n_cols, checks_on):
     out, _ = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
-    values = _values(x, centers, targets, None, _k.CENTER, (radius, 0.0, 0.0, 0.0))
+    values = _values(x, centers, targets, None, codes.CENTER, (radius, 0.0, 0.0, 0.0))
     loss = masked_mean(values, is_id) / max(n_cols, 1)
     checks.flush()
     return loss.to(out)
@@ -101,7 +101,7 @@ def _mchad_from(x, centers, targets, radius, margin, w_c, w_n, w_o, n_cols, chec
     checks.check_labels_below(targets, n_cols, targets_name)  # MCHAD never warns
     is_id = targets >= 0
     m = _margin_tensor(margin, x, acc)
-    values = _values(x, centers, targets, m, _k.MCHAD, (radius, w_c, w_n, w_o))
+    values = _values(x, centers, targets, m, codes.MCHAD, (radius, w_c, w_n, w_o))
     loss = masked_mean(values, is_id) + masked_sum(values, ~is_id)
     checks.flush()
     return loss.reshape(()).to(out)

@@ -43,6 +43,9 @@ Each op dispatches at call time: CPU tensors go to the C++ implementations in ``
 :func:`oodkernels.ops.select_backend` picks the cpp backend (auto with the extension built, or
 ``OODKERNELS_BACKEND=cpp``); everything else goes to the Triton launchers (CUDA, or CPU under
 ``TRITON_INTERPRET=1``). The schemas, fake impls and autograd registrations below are shared by both.
+The launcher module imports triton, so it is imported by the first Triton call; the ``kind`` / ``which``
+codes and the statistics count come from the triton-free :mod:`oodkernels.kernels.codes`, so this module
+(and with it the C++ path) imports where triton is not installed.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import rows as _kernels
+from ..kernels import codes
 
 _FORCED_BLOCKS: list = [None]
 
@@ -75,6 +78,14 @@ def block_args() -> tuple[int, int]:
     """``(block_r, block_c)`` to pass to the ops: the forced blocks, or ``(0, 0)`` for the heuristic."""
     forced = _FORCED_BLOCKS[0]
     return (0, 0) if forced is None else forced
+
+
+def _launchers():
+    """The Triton launchers (:mod:`oodkernels.kernels.rows`), imported by the first Triton call, never before:
+    that module imports triton, which need not be installed where the C++ backend serves every CPU call."""
+    from ..kernels import rows
+
+    return rows
 
 
 def _override(block_r: int, block_c: int):
@@ -111,7 +122,7 @@ def row_loss_fwd(
         return torch.ops.oodkernels.cpu_row_loss_fwd(
             logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c
         )
-    return _kernels.row_loss_forward(
+    return _launchers().row_loss_forward(
         logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, _override(block_r, block_c)
     )
 
@@ -120,7 +131,7 @@ def row_loss_fwd(
 def _(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c):
     n_rows = targets.numel()
     acc = _acc(logits.dtype)
-    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((_kernels.N_STATS, n_rows), dtype=acc)
+    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((codes.ROW_N_STATS, n_rows), dtype=acc)
 
 
 @torch.library.custom_op("oodkernels::row_loss_bwd", mutates_args=())
@@ -142,7 +153,7 @@ def row_loss_bwd(
         return torch.ops.oodkernels.cpu_row_loss_bwd(
             grad_values, logits, targets, cost, stats, kind, alpha, m_in, m_out, ignore_index, block_r, block_c
         )
-    return _kernels.row_loss_backward(
+    return _launchers().row_loss_backward(
         grad_values, logits, targets, cost, stats, kind, alpha, m_in, m_out, ignore_index, _override(block_r, block_c)
     )
 
@@ -193,7 +204,7 @@ def row_scores(
 ) -> Tensor:
     if _on_cpp(logits):
         return torch.ops.oodkernels.cpu_row_scores(logits, which, t, block_r, block_c, class_weight)
-    return _kernels.row_scores(logits, which, t, _override(block_r, block_c), class_weight)
+    return _launchers().row_scores(logits, which, t, _override(block_r, block_c), class_weight)
 
 
 @row_scores.register_fake
@@ -227,7 +238,7 @@ def row_loss_energy_fwd(
         return torch.ops.oodkernels.cpu_row_loss_energy_fwd(
             logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c, class_weight
         )
-    return _kernels.row_loss_energy_forward(
+    return _launchers().row_loss_energy_forward(
         logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, class_weight, True, _override(block_r, block_c)
     )
 
@@ -239,7 +250,7 @@ def _(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, bl
     return (
         logits.new_empty((n_rows,), dtype=acc),
         logits.new_empty((n_rows,), dtype=acc),
-        logits.new_empty((_kernels.N_STATS, n_rows), dtype=acc),
+        logits.new_empty((codes.ROW_N_STATS, n_rows), dtype=acc),
     )
 
 
@@ -279,7 +290,7 @@ def row_loss_energy_bwd(
             block_r,
             block_c,
         )
-    grad, grad_w = _kernels.row_loss_energy_backward(
+    grad, grad_w = _launchers().row_loss_energy_backward(
         grad_values,
         grad_energy,
         logits,

@@ -1,4 +1,4 @@
-"""The row criteria and scores on the fused Triton kernels, behind the reference's exact API.
+"""The row criteria and scores on the fused kernels (Triton; C++ on CPU), behind the reference's exact API.
 
 Each function here has the signature, checks, warnings, errors, reductions and dtypes of its
 reference in :mod:`oodkernels.reference.logits` / :mod:`oodkernels.reference.scores`: the shared
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import rows as _k
+from ..kernels import codes
 from ..reference import confidence as _ref_confidence
 from ..reference import logits as _ref
 from ..reference import objectosphere as _ref_objectosphere
@@ -27,14 +27,14 @@ from .row_ops import block_args
 
 #: reference kind -> (kernel kind, fixed α) ; entropic is outlier exposure with α = 1
 _KERNEL_KIND = {
-    "cross_entropy": (_k.CROSS_ENTROPY, None),
-    "background": (_k.CROSS_ENTROPY, None),
-    "outlier_exposure": (_k.OUTLIER_EXPOSURE, None),
-    "entropic": (_k.OUTLIER_EXPOSURE, 1.0),
-    "energy": (_k.ENERGY, None),
-    "confidence_penalty": (_k.CONFIDENCE_PENALTY, None),
-    "margin_confidence": (_k.MARGIN_CONFIDENCE, None),
-    "logit_norm": (_k.LOGIT_NORM, None),
+    "cross_entropy": (codes.CROSS_ENTROPY, None),
+    "background": (codes.CROSS_ENTROPY, None),
+    "outlier_exposure": (codes.OUTLIER_EXPOSURE, None),
+    "entropic": (codes.OUTLIER_EXPOSURE, 1.0),
+    "energy": (codes.ENERGY, None),
+    "confidence_penalty": (codes.CONFIDENCE_PENALTY, None),
+    "margin_confidence": (codes.MARGIN_CONFIDENCE, None),
+    "logit_norm": (codes.LOGIT_NORM, None),
 }
 
 
@@ -235,19 +235,19 @@ def _score(which: int, reference, logits: Tensor, temperature: float = 1.0, *, d
 
 
 def energy_score(logits, t=1.0, *, dtype=None):
-    return _score(_k.SCORE_ENERGY, _ref_scores.energy, logits, t, dtype=dtype, t=t)
+    return _score(codes.SCORE_ENERGY, _ref_scores.energy, logits, t, dtype=dtype, t=t)
 
 
 def max_softmax_score(logits, t=1.0, *, dtype=None):
-    return _score(_k.SCORE_MAX_SOFTMAX, _ref_scores.max_softmax, logits, t, dtype=dtype, t=t)
+    return _score(codes.SCORE_MAX_SOFTMAX, _ref_scores.max_softmax, logits, t, dtype=dtype, t=t)
 
 
 def max_logit_score(logits, *, dtype=None):
-    return _score(_k.SCORE_MAX_LOGIT, _ref_scores.max_logit, logits, dtype=dtype)
+    return _score(codes.SCORE_MAX_LOGIT, _ref_scores.max_logit, logits, dtype=dtype)
 
 
 def entropy_score(logits, *, clip=True, dtype=None):
-    which = _k.SCORE_ENTROPY if clip else _k.SCORE_ENTROPY_EXACT
+    which = codes.SCORE_ENTROPY if clip else codes.SCORE_ENTROPY_EXACT
     return _score(which, _ref_scores.entropy, logits, dtype=dtype, clip=clip)
 
 
@@ -258,7 +258,7 @@ def weighted_energy_score(logits, weights, *, dtype=None):
         return _ref_scores.weighted_energy(logits, weights, dtype=dtype)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     w = weights.detach().reshape(-1).to(device=logits.device, dtype=acc).contiguous()
-    scores = torch.ops.oodkernels.row_scores(logits, _k.SCORE_WEIGHTED_ENERGY, 1.0, *block_args(), w)
+    scores = torch.ops.oodkernels.row_scores(logits, codes.SCORE_WEIGHTED_ENERGY, 1.0, *block_args(), w)
     return scores.reshape((logits.shape[0], *logits.shape[2:])).to(out)
 
 
@@ -277,7 +277,7 @@ def ce_and_energy(logits, targets, class_weight=None, uniform_ood=False):
         logits,
         targets,
         None,
-        _k.OUTLIER_EXPOSURE if uniform_ood else _k.CROSS_ENTROPY,
+        codes.OUTLIER_EXPOSURE if uniform_ood else codes.CROSS_ENTROPY,
         1.0,
         0.0,
         0.0,
