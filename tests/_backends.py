@@ -75,3 +75,24 @@ def spy_calls(monkeypatch, owner, *names):
 
         monkeypatch.setattr(owner, name, spy)
     return calls
+
+
+def fresh_leaf(t, requires_grad=None):
+    """A new leaf with ``t``'s values and strides (a clone would make a sliced, non-dense view contiguous, and the
+    kernel would never see its strides); ``requires_grad`` defaults to ``t``'s flag."""
+    leaf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    leaf.copy_(t.detach())
+    assert leaf.stride() == t.stride()
+    return leaf.requires_grad_(t.requires_grad if requires_grad is None else requires_grad)
+
+
+def value_and_grads(fn, leaves, grad_output=None):
+    """``fn(*leaves)`` detached, and the gradients of the leaves that require grad after one backward of it
+    (``grad_output``, else ones; none when the value does not require grad)."""
+    value = fn(*leaves)
+    grads = []
+    if value.requires_grad:
+        go = torch.ones_like(value) if grad_output is None else grad_output.to(value.dtype)
+        value.backward(go)
+        grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    return value.detach(), grads

@@ -6,7 +6,9 @@ gradients; ``compare`` checks a kernel backend against the reference (or another
 
 import torch
 from _backends import current_device
+from _backends import fresh_leaf
 from _backends import use_backend
+from _backends import value_and_grads
 
 import oodkernels as ok
 from oodkernels import testing
@@ -52,26 +54,12 @@ def labels(pattern, n=B, k=K):
     return testing.make_targets((n,), k, pattern, device=current_device())
 
 
-def fresh_leaf(t):
-    """A new leaf with ``t``'s values, requires_grad flag and strides (a clone would make a slice contiguous)."""
-    leaf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-    leaf.copy_(t.detach())
-    assert leaf.stride() == t.stride()
-    return leaf.requires_grad_(t.requires_grad)
-
-
 def run(backend, monkeypatch, fn, inputs, grad_output=None, blocks=SMALL):
     """Value and gradients of ``fn(*inputs)`` on ``backend``; float inputs that require grad are fresh leaves."""
     use_backend(monkeypatch, backend)
     leaves = [fresh_leaf(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
     with center_ops.forced_blocks(*blocks):
-        value = fn(*leaves)
-    grads = []
-    if value.requires_grad:
-        go = torch.ones_like(value) if grad_output is None else grad_output.to(value.dtype)
-        value.backward(go)
-        grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    return value.detach(), grads
+        return value_and_grads(fn, leaves, grad_output)
 
 
 def compare(backend, monkeypatch, fn, inputs, grad_output=None, tol=FP32, blocks=SMALL, other="reference"):

@@ -6,6 +6,7 @@ of ``params``; ``compare`` checks a kernel backend against the reference.
 
 import torch
 from _backends import current_device
+from _backends import fresh_leaf
 from _backends import use_backend
 from torch import nn
 
@@ -32,7 +33,8 @@ LAYOUTS = [
 def run(backend, monkeypatch, fn, inputs, params=(), grad_output=None):
     """Value of ``fn(*inputs)`` on ``backend`` and the gradients of its float inputs, then of ``params``."""
     use_backend(monkeypatch, backend)
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    # fresh leaves that keep the inputs' strides (a clone would make the sliced layouts contiguous)
+    leaves = [fresh_leaf(t, requires_grad=t.is_floating_point()) for t in inputs]
     for p in params:
         p.grad = None
     value = fn(*leaves)

@@ -6,7 +6,9 @@ and returns its value and input gradients; ``compare`` checks a kernel backend a
 
 import torch
 from _backends import current_device
+from _backends import fresh_leaf
 from _backends import use_backend
+from _backends import value_and_grads
 
 import oodkernels as ok
 from oodkernels import testing
@@ -35,18 +37,11 @@ NONE_RAISES = {"BackgroundClassLoss", "LogitNorm"}
 
 
 def run(backend, monkeypatch, fn, inputs, grad_output=None):
-    """Value and input gradients of ``fn(*inputs)`` on ``backend``, on fresh leaf copies."""
+    """Value and input gradients of ``fn(*inputs)`` on ``backend``, on fresh leaf copies that keep the inputs'
+    strides (every float input requires grad)."""
     use_backend(monkeypatch, backend)
-    leaves = [
-        t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs
-    ]
-    value = fn(*leaves)
-    grads = []
-    if value.requires_grad:
-        go = torch.ones_like(value) if grad_output is None else grad_output.to(value.dtype)
-        value.backward(go)
-        grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    return value.detach(), grads
+    leaves = [fresh_leaf(t, requires_grad=t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs]
+    return value_and_grads(fn, leaves, grad_output)
 
 
 def compare(backend, monkeypatch, fn, inputs, atol=None, rtol=None, grad_output=None):
