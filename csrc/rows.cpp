@@ -559,7 +559,7 @@ void tile_lanes(
   alignas(64) acc_t buf[TILE_CHUNK * T];
   // the exact entropy's E[x] is over the raw x: a second cache when v = x·mult differs from it
   const bool raw_copy = ex.expect && has_mult;
-  alignas(64) acc_t raw[raw_copy ? TILE_CHUNK * T : 1];
+  alignas(64) acc_t raw[TILE_CHUNK * T];  // fixed size: a runtime-sized array is not standard C++ (MSVC rejects it)
   const Vec zero(acc_t(0)), vneg_inf(neg_inf), vinf(std::numeric_limits<acc_t>::infinity());
   const int64_t ch = std::max<int64_t>(1, std::min(TILE_CHUNK, chunk));
   for (int64_t c0 = 0; c0 < n_classes; c0 += ch) {
