@@ -102,14 +102,20 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, text: str) -> bool:
-    """Replace the block between the perf-table markers of ``readme``; False when the markers are missing."""
+def update_readme(readme: Path, text: str, start: str = START, end: str = END) -> bool:
+    """Replace the block between the ``start`` and ``end`` markers (default: the perf table's) of ``readme``;
+    False when the markers are missing."""
     content = readme.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(content):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", content))
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
     return True
+
+
+def perf_results(folder: Path = RESULTS) -> list[Path]:
+    """The benchmark result files of ``folder`` (bench/run.py's), without the GPU audit's (``audit-*.csv``)."""
+    return [p for p in sorted(folder.glob("*.csv")) if not p.name.startswith("audit-")]
 
 
 def _bar_chart(summary: dict, series: dict, ylabel: str, path: Path, hline=None) -> Path:
@@ -180,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not touch the README")
     parser.add_argument("--no-plots", action="store_true", help="do not write charts")
     args = parser.parse_args(argv)
-    paths = [Path(p) for p in args.results] if args.results else sorted(RESULTS.glob("*.csv"))
+    paths = [Path(p) for p in args.results] if args.results else perf_results()
     if not paths:
         print("no results file found")
         return 1

@@ -74,7 +74,7 @@ def test_charts_are_written(results):
 def test_committed_readme_table_matches_the_committed_results():
     """The README's table is what bench/report.py generates from bench/results (not typed by hand)."""
     blocks = []
-    for path in sorted(report.RESULTS.glob("*.csv")):
+    for path in report.perf_results():
         blocks.append(f"**{path.name}**\n\n" + report.markdown(report.summarise(report.load(path))))
     readme = (ROOT / "README.md").read_text()
     assert f"{report.START}\n" + "\n\n".join(blocks) + f"\n{report.END}" in readme

@@ -22,6 +22,7 @@ surfaces.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -159,6 +160,28 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: set inside :func:`cuda_stand_in`
+_CUDA_STAND_IN = [False]
+
+
+@contextlib.contextmanager
+def cuda_stand_in():
+    """Within the block, CPU tensors are dispatched exactly as CUDA tensors would be.
+
+    ``auto`` and ``triton`` pick the Triton launchers for them, compiled (not interpreted), so every
+    device-dependent decision takes its CUDA branch (native bf16/fp16 ``tl.dot``, no interpreter upcasts).
+    For ``bench/audit.py`` only: its compile-only Triton driver turns each launch into a compile for a GPU
+    target, so a benchmark case's training step on CPU tensors yields the cubins, ATen ops and launches of
+    the CUDA step. Outside such a driver a launch on CPU tensors fails.
+    """
+    saved = _CUDA_STAND_IN[0]
+    _CUDA_STAND_IN[0] = True
+    try:
+        yield
+    finally:
+        _CUDA_STAND_IN[0] = saved
+
+
 def triton_status() -> str:
     """One line on the Triton installation as found when oodkernels was imported (triton itself is not imported)."""
     if not _TRITON_REGISTERED:
@@ -178,7 +201,7 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
     requested = config.requested_backend()
     if requested == "reference":
         return "reference", "OODKERNELS_BACKEND=reference"
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" or (_CUDA_STAND_IN[0] and device.type == "cpu")
     if requested == "triton" or (requested == "auto" and cuda):
         if not _TRITON_REGISTERED:
             if requested == "triton":
@@ -196,7 +219,7 @@ def select_backend(name: str, device: torch.device) -> tuple[str, str]:
         elif name in _KERNELS["triton"]:
             return "triton", "fused Triton kernel"
         return "reference", "no Triton kernel for this operation yet"
-    if requested == "cpp" or (requested == "auto" and device.type == "cpu"):
+    if requested == "cpp" or (requested == "auto" and not cuda):
         if device.type != "cpu":
             if requested == "cpp":
                 raise RuntimeError(
