@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -138,7 +139,7 @@ def _metric_lines(text, run):
 
 def test_demo_runs_one_epoch_on_the_reference(capsys):
     before = os.environ.get("OODKERNELS_BACKEND")
-    assert demo.main(["--epochs", "1", "--backend", "reference", "--seed", "3"]) == 0
+    assert demo.main(["--epochs", "1", "--backend", "reference", "--seed", "3", "--part", "classification"]) == 0
     out = capsys.readouterr().out
     assert os.environ.get("OODKERNELS_BACKEND") == before  # the demo restores the environment
     assert "OODKERNELS_BACKEND=reference" in out  # the backend report
@@ -155,7 +156,8 @@ def test_demo_runs_one_epoch_on_the_reference(capsys):
 def test_demo_runs_the_interpreted_triton_kernels(capsys):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 from conftest")
-    assert demo.main(["--epochs", "1", "--loss", "BackgroundClassLoss", "--device", "cpu", "--quiet"]) == 0
+    argv = ["--epochs", "1", "--loss", "BackgroundClassLoss", "--device", "cpu", "--quiet", "--backend", "triton"]
+    assert demo.main([*argv, "--part", "classification"]) == 0
     out = capsys.readouterr().out
     assert "oodkernels.loss.BackgroundClassLoss -> backend triton;" in out
     assert "model 64 -> 128 -> 6" in out
@@ -167,7 +169,8 @@ def test_demo_runs_the_cpp_kernels(capsys):
 
     if not _cpp.available():
         pytest.skip(f"the C++ extension is unavailable: {_cpp.status()}")
-    assert demo.main(["--epochs", "1", "--loss", "OutlierExposureLoss", "--backend", "cpp", "--device", "cpu"]) == 0
+    argv = ["--epochs", "1", "--loss", "OutlierExposureLoss", "--backend", "cpp", "--device", "cpu"]
+    assert demo.main([*argv, "--part", "classification"]) == 0
     out = capsys.readouterr().out
     assert "oodkernels.loss.OutlierExposureLoss -> backend cpp;" in out
     assert "fused [cpp]" in out
@@ -176,9 +179,9 @@ def test_demo_runs_the_cpp_kernels(capsys):
 
 def test_demo_fails_loudly_when_the_runs_disagree(capsys, monkeypatch):
     monkeypatch.setitem(demo.TOLERANCES, "loss_rel", -1.0)  # every loss difference now exceeds it
-    assert demo.main(["--epochs", "1", "--backend", "reference", "--quiet"]) == 1
+    assert demo.main(["--epochs", "1", "--backend", "reference", "--quiet", "--part", "classification"]) == 1
     captured = capsys.readouterr()
-    assert "FAILED: the fused and the reference run disagree" in captured.err
+    assert "FAILED: the fused and the reference classification runs disagree" in captured.err
     assert "OK:" not in captured.out
 
 
@@ -196,7 +199,8 @@ def test_python_m_demo_restarts_itself_under_the_interpreter():
         pytest.skip("with a CUDA device the fused kernels are compiled, not interpreted")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OODKERNELS_BACKEND")}
     proc = subprocess.run(
-        [sys.executable, "-m", "oodkernels.demo", "--epochs", "1", "--batch-size", "256", "--quiet"],
+        [sys.executable, "-m", "oodkernels.demo", "--epochs", "1", "--batch-size", "256", "--quiet"]
+        + ["--backend", "triton", "--part", "classification"],
         env=env,
         capture_output=True,
         text=True,
@@ -206,3 +210,94 @@ def test_python_m_demo_restarts_itself_under_the_interpreter():
     assert "run in the Triton interpreter on this CPU" in proc.stdout
     assert "oodkernels.loss.EnergyRegularizedLoss -> backend triton;" in proc.stdout
     assert "OK: the fused and the reference run agree" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------- part 2: segmentation
+
+
+def _scenes(seed=0, n=6):
+    from oodkernels import demo_segmentation as seg
+
+    split = demo.load_split(0)
+    return seg, split, seg.make_scenes(n, split.index_id_train, split.index_oe_train, seed=seed)
+
+
+def test_scene_builder_shapes_labels_and_anomalies():
+    seg, split, scenes = _scenes()
+    assert scenes.images.shape == (6, 1, seg.SIZE, seg.SIZE) and scenes.images.dtype == torch.float32
+    assert scenes.labels.shape == (6, seg.SIZE, seg.SIZE) and scenes.labels.dtype == torch.int64
+    assert set(scenes.labels.unique().tolist()) <= {-1, 0, 1, 2, 3, 4, seg.BACKGROUND, seg.IGNORE}
+    for labels in scenes.labels:
+        assert (labels == -1).sum() > 0  # every scene has an OOD digit's pixels
+        assert ((labels >= 0) & (labels < seg.N_CLASSES)).sum() > 0
+    # the void frame, and nothing void inside it
+    b = seg.BORDER
+    assert (scenes.labels[:, :b] == seg.IGNORE).all() and (scenes.labels[:, :, -b:] == seg.IGNORE).all()
+    assert not (scenes.labels[:, b:-b, b:-b] == seg.IGNORE).any()
+    # the pasted digits come from the rows given: ID digits from ID train, OOD digits from the OE images
+    pasted = scenes.sources[scenes.sources >= 0]
+    allowed = set(split.index_id_train.tolist()) | set(split.index_oe_train.tolist())
+    assert set(pasted.tolist()) <= allowed
+    assert (scenes.sources >= 0).sum(axis=1).tolist() == [seg.ID_PER_SCENE + seg.OOD_PER_SCENE] * 6
+    # a pixel's label is its digit's where the digit has ink: the anomaly pixels are bright, background dim
+    ink = scenes.images[:, 0]
+    assert ink[scenes.labels == -1].mean() > 0.5 > ink[scenes.labels == seg.BACKGROUND].mean()
+
+
+def test_scene_builder_is_seeded():
+    _, _, a = _scenes(seed=4)
+    _, _, b = _scenes(seed=4)
+    _, _, c = _scenes(seed=5)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.labels, c.labels)
+
+
+def test_scene_builder_rejects_wrong_rows():
+    from oodkernels import demo_segmentation as seg
+
+    split = demo.load_split(0)
+    with pytest.raises(ValueError, match="id_rows must hold digits 0-4"):
+        seg.make_scenes(2, split.index_oe_train, split.index_oe_train, seed=0)
+    with pytest.raises(ValueError, match="n_scenes"):
+        seg.make_scenes(0, split.index_id_train, split.index_oe_train, seed=0)
+
+
+def test_average_precision_matches_its_definition():
+    from oodkernels import demo_segmentation as seg
+
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    assert seg.average_precision([0.0, 1.0], [2.0, 3.0]) == 1.0
+    # positives at ranks 1 and 3: (1/1 + 2/3) / 2
+    assert seg.average_precision([2.0, 0.5], [3.0, 1.0]) == pytest.approx((1 + 2 / 3) / 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        neg = rng.integers(0, 6, size=rng.integers(1, 30)).astype(float)  # many ties
+        pos = rng.integers(2, 9, size=rng.integers(1, 30)).astype(float)
+        y = np.r_[np.zeros(neg.size), np.ones(pos.size)]
+        expected = sklearn_metrics.average_precision_score(y, np.r_[neg, pos])
+        assert seg.average_precision(neg, pos) == pytest.approx(expected, abs=1e-12)
+
+
+def test_segmentation_part_runs_and_writes_its_figure(capsys, tmp_path):
+    figure = tmp_path / "seg.png"
+    argv = ["--part", "segmentation", "--seg-epochs", "1", "--seg-scenes", "32", "--quiet", "--figure", str(figure)]
+    assert demo.main([*argv, "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "== part 2: per-pixel OOD segmentation ==" in out
+    assert "ignore_index=255" in out
+    assert re.search(r"per-pixel AUROC 0\.\d+ +FPR95 [01]\.\d+ +AP 0\.\d+", out)
+    assert "criterion forward + backward" in out and "whole step" in out
+    assert "OK: the fused and the reference run agree" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 5000
+    assert f"figure: {figure}" in out
+
+
+def test_the_main_job_runs_both_parts_on_the_default_backend(capsys, tmp_path):
+    """`make demo`'s command with small sizes: the default backend is auto (C++ on CPU when built)."""
+    figure = tmp_path / "seg.png"
+    argv = ["--epochs", "1", "--seg-epochs", "1", "--seg-scenes", "32", "--quiet", "--figure", str(figure)]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== part 1: classification ==" in out and "== part 2: per-pixel OOD segmentation ==" in out
+    assert out.count("OK: the fused and the reference run agree") == 2
+    assert "OODKERNELS_BACKEND=auto" in out

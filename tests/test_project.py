@@ -32,7 +32,8 @@ ALLOWED = {
     "loss": {"functional", "model", "utils", "config", "reference"},
     "__main__": {"ops"},
     # the main job trains with the fused criteria and the reference side by side
-    "demo": {"loss", "scores", "functional", "model", "utils", "config", "testing", "reference"},
+    "demo": {"loss", "scores", "functional", "model", "utils", "config", "testing", "reference", "demo_segmentation"},
+    "demo_segmentation": {"demo"},  # part 2 of the main job: the demo layer's second module
 }
 
 
