@@ -1,4 +1,4 @@
-"""Packaging for oodkernels.
+"""The optional ahead-of-time C++ build; every other piece of packaging metadata is in pyproject.toml.
 
 Nothing is compiled at install time unless ``OODKERNELS_BUILD_EXT=1`` is set (then install with
 ``--no-build-isolation`` so the build sees the installed torch). Otherwise the C++ CPU extension in
@@ -8,22 +8,9 @@ Nothing is compiled at install time unless ``OODKERNELS_BUILD_EXT=1`` is set (th
 import importlib.util
 import os
 
-from setuptools import find_packages
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def read(name):
-    with open(os.path.join(HERE, name), encoding="utf-8") as f:
-        return f.read()
-
-
-def version():
-    for line in read("oodkernels/_version.py").splitlines():
-        if line.startswith("__version__"):
-            return line.split("=")[1].strip().strip('"')
-    raise RuntimeError("oodkernels/_version.py: no __version__")
 
 
 def extensions():
@@ -50,32 +37,4 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="oodkernels",
-    version=version(),
-    description="Fused, exact, drop-in kernels for out-of-distribution detection training objectives",
-    long_description=read("README.md"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    packages=find_packages(include=["oodkernels", "oodkernels.*"]),
-    python_requires=">=3.9",
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "triton; platform_system == 'Linux'",
-        "ninja",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "pytest-xdist", "hypothesis", "scipy", "ruff"],
-        "demo": ["scikit-learn", "tqdm", "matplotlib"],
-        # bench/audit.py's anchor: Liger's cross-entropy kernel compiled beside ours (torch and triton are ours)
-        "bench": ["liger-kernel"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -82,20 +82,54 @@ def test_imports_only_go_down_the_layers(path, module):
     assert not upward, f"oodkernels/{path.relative_to(PACKAGE)} imports {sorted(upward)}, above its layer"
 
 
-def test_ci_runs_the_readme_test_command():
+def _readme_command(marker: str) -> str:
     readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- test-command -->\s*```(?:bash|sh)?\s*\n(.+?)\n```", readme, re.S)
-    assert match, "README.md: the test command block (after <!-- test-command -->) is missing"
-    command = match.group(1).strip()
+    match = re.search(rf"<!-- {marker} -->\s*```(?:bash|sh)?\s*\n(.+?)\n```", readme, re.S)
+    assert match, f"README.md: the command block after <!-- {marker} --> is missing"
+    return match.group(1).strip()
+
+
+def _make_recipes() -> dict:
+    """``{target: [recipe lines]}`` of the Makefile (the recipe lines start with a tab)."""
+    recipes, target = {}, None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("\t") and target is not None:
+            recipes[target].append(line.strip())
+        elif re.match(r"^[\w.$()/-]+:", line) and not line.startswith("."):
+            target = line.split(":")[0]
+            recipes[target] = []
+    return recipes
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _readme_command("test-command")
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     ci_commands = [line.replace("$PY", "python") for line in ci_lines if line and not line.startswith("#")]
     assert command in ci_commands, f".ci/run does not run the README test command {command!r}"
 
 
-def test_ci_pins_the_cpu_torch_build():
+def test_the_readme_commands_are_the_makefile_targets():
+    """The README's two commands are `make demo` and `make test`; each target sets up first (the stamp of the
+    project virtualenv) and runs the main job / the test suite with the virtualenv's Python."""
+    assert _readme_command("demo-command") == "make demo"
+    assert _readme_command("test-command") == "make test"
+    recipes = _make_recipes()
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: \$\(STAMP\)$", makefile, re.M) and re.search(r"^test: \$\(STAMP\)$", makefile, re.M)
+    assert recipes["demo"] == ["$(PY) -m oodkernels.demo"]
+    assert recipes["test"] == ["$(PY) -m pytest -q -n 2 tests"]
+    setup = " ".join(recipes["$(STAMP)"])
+    assert "torch==2.13.0" in makefile and "$(TORCH_CPU)" in setup  # the CPU build, pinned, where torch is missing
+    assert "OODKERNELS_BUILD_EXT=1" in setup and ".[test,demo]" in setup  # the C++ extension built once
+    assert "pytorch-ood==0.4.0" in setup
+    assert "--system-site-packages" in " ".join(recipes["$(PY)"])  # a machine's own (CUDA) torch is kept
+
+
+def test_ci_sets_up_through_the_makefile():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "torch==2.13.0" in ci
-    assert re.search(r"pip install --no-deps \"?pytorch-ood==0\.4\.0", ci)
+    assert re.search(r"^make setup$", ci, re.M)  # torch's CPU build pinned, the package, the oracle: Makefile
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"pip install --no-deps \"?pytorch-ood==0\.4\.0", makefile)
 
 
 def test_readme_python_examples_run():
