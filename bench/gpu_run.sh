@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS LOGFILE COMMAND...
 
 # 1. the fused-kernel tests, compiled for this GPU (the contract and oracle suites run the same kernels
 #    through the criteria; the interpreter-only and C++ tests skip themselves)
-step tests 170 "$OUT/tests.txt" \
+step tests 150 "$OUT/tests.txt" \
     $PY -m pytest -q -p no:cacheprovider -n 8 \
     tests/test_fused_rows.py tests/test_fused_extra.py tests/test_fused_scores.py tests/test_fused_centers.py \
     tests/test_contract_logits.py tests/test_contract_row_options.py tests/test_contract_distances.py

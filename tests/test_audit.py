@@ -30,24 +30,22 @@ SUMMARY = re.compile(
 )
 
 
-def _env():
+def _python(script: Path, *args, interpret: bool = False):
+    """Run ``script`` with this Python, without the Triton interpreter unless ``interpret``."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
-    return env
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def probe():
-    done = subprocess.run(
-        [sys.executable, str(TESTS / "_audit_probe.py"), "90"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _python(TESTS / "_audit_probe.py", 90)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -185,26 +183,8 @@ def test_minimum_bytes_of_a_row_case():
 
 
 def test_the_cli_audits_a_case_and_ends_with_the_summary(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "audit.py"),
-            "--quick",
-            "--arch",
-            "90",
-            "--filter",
-            "^audit/CrossEntropyLoss/4096x100/fp32$",
-            "--out",
-            str(tmp_path),
-            "--no-liger",
-            "--no-readme",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["--quick", "--arch", "90", "--filter", "^audit/CrossEntropyLoss/4096x100/fp32$", "--out", tmp_path]
+    done = _python(REPO / "bench" / "audit.py", *args, "--no-liger", "--no-readme")
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     match = SUMMARY.match(last)
@@ -222,16 +202,7 @@ def test_the_cli_audits_a_case_and_ends_with_the_summary(tmp_path):
 
 
 def test_the_cli_rejects_the_interpreter_and_unknown_archs():
-    env = _env()
-    env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "audit.py"), "--quick"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _python(REPO / "bench" / "audit.py", "--quick", interpret=True)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
     with pytest.raises(ValueError, match="--arch"):
         compile_audit.parse_archs("75")
