@@ -774,7 +774,7 @@ def check_on_gpu(selected: list, path: Path, jobs: int, log=print) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="CI's selection: a few shapes per family, every dtype")
     p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities (default 90,80)")
     p.add_argument("--filter", default=None, help="regex searched in the case names")
