@@ -514,13 +514,17 @@ def dot_flags(x: torch.Tensor, centers: torch.Tensor) -> tuple[bool, bool]:
     return True, not native
 
 
-def launch_config(n_rows: int, n_centers: int, n_dim: int, dtype: torch.dtype, block_override=None):
+def launch_config(
+    n_rows: int, n_centers: int, n_dim: int, dtype: torch.dtype, block_override=None, from_dist: bool = False
+):
     """``(BLOCK_B, BLOCK_K, BLOCK_D, num_warps)``.
 
     Starting points, not yet measured on a GPU (none was available when this was written; KERNEL_GUIDE
     §2.7): 64 x 64 output tiles with 32-wide D slices keep the two operand tiles and the fp32 accumulator in
     registers at 4 warps (the shape of Triton's matmul tutorial's smaller configs); tl.dot needs every
     dimension >= 16 on a GPU. fp64 (no tl.dot: a [B, K, D] broadcast product in registers) uses 16 x 16 x 16.
+    ``from_dist`` (the loss kernels over a given distance matrix) takes 16-row tiles, sized by the compile
+    audit's registers (below).
     """
     if block_override is not None:
         b, k, d = block_override
@@ -530,6 +534,12 @@ def launch_config(n_rows: int, n_centers: int, n_dim: int, dtype: torch.dtype, b
     if dtype == torch.float64:
         return 16, 16, 16, 4
     block_k = 64 if n_centers > 32 else (32 if n_centers > 16 else 16)
+    if from_dist:
+        # the loss over a given (B, K) distance matrix: no dot, but its epilogue keeps several [BLOCK_B, BLOCK_K]
+        # fp32 arrays live; compiled for sm_90 (bench/audit.py), 64 x 64 at 4 warps spilled 296 (CAC) and 460
+        # (MCHAD) bytes per thread forward, 32 x 64 reached 244 registers; 16 x 64 (8 values per thread per
+        # array) needs 104-126 registers forward, 60-72 backward, and spills nothing
+        return 16, block_k, 16, 4
     block_d = 32 if n_dim > 16 else 16
     return 64, block_k, block_d, 4
 
@@ -618,7 +628,7 @@ def loss_forward(
     if n_rows == 0:
         return values, stats
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None
     )
     p0, p1, p2, p3 = (float(p) for p in params)
     _center_loss_fwd_kernel[(triton.cdiv(n_rows, bb),)](
@@ -650,7 +660,7 @@ def loss_backward(
     if n_rows == 0 or n_centers == 0:
         return grad
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None
     )
     p0, p1, p2, p3 = (float(p) for p in params)
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
