@@ -515,7 +515,13 @@ def dot_flags(x: torch.Tensor, centers: torch.Tensor) -> tuple[bool, bool]:
 
 
 def launch_config(
-    n_rows: int, n_centers: int, n_dim: int, dtype: torch.dtype, block_override=None, from_dist: bool = False
+    n_rows: int,
+    n_centers: int,
+    n_dim: int,
+    dtype: torch.dtype,
+    block_override=None,
+    from_dist: bool = False,
+    upcast: bool = True,
 ):
     """``(BLOCK_B, BLOCK_K, BLOCK_D, num_warps)``.
 
@@ -523,8 +529,8 @@ def launch_config(
     §2.7): 64 x 64 output tiles with 32-wide D slices keep the two operand tiles and the fp32 accumulator in
     registers at 4 warps (the shape of Triton's matmul tutorial's smaller configs); tl.dot needs every
     dimension >= 16 on a GPU. fp64 (no tl.dot: a [B, K, D] broadcast product in registers) uses 16 x 16 x 16.
-    ``from_dist`` (the loss kernels over a given distance matrix) takes 16-row tiles, sized by the compile
-    audit's registers (below).
+    ``from_dist`` (the loss kernels over a given distance matrix) takes 16-row tiles, and an ``upcast``
+    (CUDA-core, IEEE fp32) dot 16-wide D slices, both sized by the compile audit's registers (below).
     """
     if block_override is not None:
         b, k, d = block_override
@@ -540,7 +546,11 @@ def launch_config(
         # (MCHAD) bytes per thread forward, 32 x 64 reached 244 registers; 16 x 64 (8 values per thread per
         # array) needs 104-126 registers forward, 60-72 backward, and spills nothing
         return 16, block_k, 16, 4
-    block_d = 32 if n_dim > 16 else 16
+    # the upcast dot runs on CUDA cores with both operand slices in registers: 32-wide D slices took 168
+    # registers on sm_90 and spilled 8-16 bytes at 255 on sm_80 (bench/audit.py, the 65536 x 1000 center
+    # cases); 16-wide ones take 96-128 (sm_90) and 128-186 (sm_80) without a spill. Tensor-core dots (native
+    # bf16/fp16) keep 32-wide slices.
+    block_d = 16 if upcast or n_dim <= 16 else 32
     return 64, block_k, block_d, 4
 
 
@@ -562,7 +572,7 @@ def sq_distances(
     mn = center_norms(centers, acc)
     use_dot, upcast = dot_flags(x, centers)
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, upcast=upcast
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
     _sq_distances_kernel[grid](
@@ -588,7 +598,7 @@ def sq_distances_grad(
     mn = center_norms(centers, acc)
     use_dot, upcast = dot_flags(x, centers)
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, upcast=upcast
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
     _sq_distances_kernel[grid](
@@ -628,7 +638,7 @@ def loss_forward(
     if n_rows == 0:
         return values, stats
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None, upcast
     )
     p0, p1, p2, p3 = (float(p) for p in params)
     _center_loss_fwd_kernel[(triton.cdiv(n_rows, bb),)](
@@ -660,7 +670,7 @@ def loss_backward(
     if n_rows == 0 or n_centers == 0:
         return grad
     bb, bk, bd, num_warps = launch_config(
-        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None
+        n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, centers is None, upcast
     )
     p0, p1, p2, p3 = (float(p) for p in params)
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
