@@ -301,3 +301,15 @@ def test_the_main_job_runs_both_parts_on_the_default_backend(capsys, tmp_path):
     assert "== part 1: classification ==" in out and "== part 2: per-pixel OOD segmentation ==" in out
     assert out.count("OK: the fused and the reference run agree") == 2
     assert "OODKERNELS_BACKEND=auto" in out
+
+
+def test_segmentation_fails_loudly_when_the_criterion_differs(capsys, monkeypatch, tmp_path):
+    """The step check is what holds the segmentation part to the reference: any difference beyond its bounds
+    (here made negative, so every step exceeds them) fails the run, naming the step."""
+    monkeypatch.setitem(demo.STEP_TOLERANCES, "grad_rel", -1.0)
+    argv = ["--part", "segmentation", "--seg-epochs", "1", "--seg-scenes", "16", "--quiet"]
+    assert demo.main([*argv, "--backend", "reference", "--figure", str(tmp_path / "f.png")]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED: the fused and the reference segmentation runs disagree" in captured.err
+    assert "step 1: fused vs reference criterion on the same logits" in captured.err
+    assert "OK:" not in captured.out.split("== part 2")[-1]
