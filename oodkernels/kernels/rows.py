@@ -594,23 +594,18 @@ def row_view(t: torch.Tensor, has_classes: bool) -> tuple[int, int, int, tuple[i
 def launch_config(n_classes: int, dtype: torch.dtype, block_override=None) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)``.
 
-    Sized by registers, not elements (KERNEL_GUIDE P20): a ``[BLOCK_R x BLOCK_C]`` tile of 512 elements (256
-    for fp64) at 4 warps holds 4 values per thread in each live array. The class block covers the row up to
-    512 columns (longer rows stream through the online pass), and a program takes as many rows as fill the
-    tile, so small C does not idle lanes. Compiled for sm_90 by ``bench/audit.py`` (its quick selection, fp32
-    and bf16): the former 4096-element tiles at 8 warps (16 values per thread per array) put 50 of 52 row
-    specialisations over 128 registers and 18 into spills; 1024 elements at 4 warps left 17 over 128 and one
-    spilling; 512 at 4 warps, none over 80 registers and none spilling. Not yet timed on a GPU (none was
-    available): wider tiles may bring back memory-level parallelism once the layout-specialised tiles of the
-    row rebuild exist (KERNEL_GUIDE §2.1).
+    Starting points, to be replaced by measurements on a GPU (none was available when this was
+    written; KERNEL_GUIDE §2.7): the class block covers the row up to 4096 columns (longer rows
+    stream through the online pass); a program takes as many rows as fill a 4096-element tile, so
+    small C does not idle lanes; 4 warps up to 2048 tile elements, else 8.
     """
     if block_override is not None:
         block_r, block_c = block_override
         return int(block_r), int(block_c), 4
-    tile = 512 if dtype != torch.float64 else 256
-    block_c = min(triton.next_power_of_2(max(n_classes, 1)), tile)
+    block_c = min(triton.next_power_of_2(max(n_classes, 1)), 4096)
+    tile = 4096 if dtype != torch.float64 else 2048
     block_r = max(1, min(128, tile // block_c))
-    num_warps = 4
+    num_warps = 4 if block_r * block_c <= 2048 else 8
     return block_r, block_c, num_warps
 
 
