@@ -418,9 +418,10 @@ def _build() -> None:
         ((65536, 1000), "bf16"),
         ((4096, 100), "fp32"),
         ((256, 10), "fp32"),
+        ((1024, 1000), "fp32"),  # issue #13's CPU target shapes: (256, 10), (4096, 100), (1024, 1000)
         ((8, 19, 512, 1024), "bf16"),
     ]
-    quick_shapes = {(4096, 100), (256, 10)}
+    quick_shapes = {(4096, 100), (256, 10), (1024, 1000)}
     for shape, dtype in issue3:
         for crit in ROW_CRITERIA:
             if len(shape) > 2 and crit not in SEGMENTATION_CRITERIA:

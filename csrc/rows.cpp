@@ -1581,6 +1581,198 @@ Tensor cpu_row_scores(
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// the reduced op: masks, weights and the reduction's normalisers inside, as the Triton kernels do
+// ---------------------------------------------------------------------------------------------
+
+// reductions (kernels/codes.py REDUCE_*) and the totals' layout (TOTAL_*)
+constexpr int64_t REDUCE_NONE = 0;
+constexpr int64_t REDUCE_MEAN_ID = 1;
+constexpr int64_t REDUCE_MEAN_VALID = 2;
+constexpr int64_t REDUCE_MEAN_GROUPS = 3;
+constexpr int64_t REDUCE_SUM = 4;
+constexpr int64_t TOTAL_SUM_ID = 0;
+constexpr int64_t TOTAL_SUM_OOD = 1;
+constexpr int64_t TOTAL_N_ID = 2;
+constexpr int64_t TOTAL_N_OOD = 3;
+constexpr int64_t TOTAL_MAX_LABEL = 4;
+constexpr int64_t N_TOTALS = 5;
+
+// one call's entries as the reduction sees them: raw labels, validity, weights
+struct ReducedCall {
+  Tensor labels;  // (R,) int64, the caller's labels
+  Tensor kernel_targets;  // the labels the row kernel reads (BackgroundClass: OOD -> the background column)
+  Tensor weight;  // (R,) ACC or undefined
+  bool has_ignore = false;
+  int64_t ignore_index = 0;
+  bool id_only = false;
+
+  ReducedCall(
+      const Tensor& targets,
+      const std::optional<Tensor>& w,
+      at::ScalarType acc,
+      int64_t kind,
+      std::optional<int64_t> ignore,
+      std::optional<int64_t> background) {
+    labels = targets.reshape({-1}).to(at::kLong).contiguous();
+    has_ignore = ignore.has_value();
+    ignore_index = ignore.value_or(0);
+    id_only = (kind == CROSS_ENTROPY || kind == LOGIT_NORM) && !background.has_value();
+    if (w.has_value()) weight = w->expand(targets.sizes()).reshape({-1}).to(acc).contiguous();
+    kernel_targets = targets;
+    if (background.has_value()) {
+      Tensor remapped = labels.clone();
+      int64_t* y = remapped.mutable_data_ptr<int64_t>();
+      for (int64_t r = 0; r < remapped.numel(); ++r) {
+        if (y[r] < 0 && !(has_ignore && y[r] == ignore_index)) y[r] = *background;
+      }
+      kernel_targets = remapped.reshape(targets.sizes());
+    }
+  }
+
+  inline bool valid(int64_t label) const {
+    return !(has_ignore && label == ignore_index);
+  }
+  inline bool contributes(int64_t label) const {
+    return valid(label) && (!id_only || label >= 0);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> cpu_row_loss_reduced_fwd(
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& cost,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    std::optional<int64_t> background,
+    int64_t reduction,
+    bool checks,
+    int64_t block_r,
+    int64_t block_c) {
+  const char* op = "cpu_row_loss_reduced_fwd";
+  TORCH_CHECK(reduction >= REDUCE_NONE && reduction <= REDUCE_SUM, "oodkernels::", op, ": unknown reduction ", reduction);
+  const auto acc = acc_type(logits.scalar_type());
+  const ReducedCall call(targets, weight, acc, kind, ignore_index, background);
+  auto [values, energy, stats] = row_forward(
+      op, logits, call.kernel_targets, cost, kind, alpha, m_in, m_out, ignore_index, block_c, false, std::nullopt);
+  const int64_t R = call.labels.numel();
+  const bool none = reduction == REDUCE_NONE;
+  Tensor out = at::empty(none ? at::IntArrayRef{R} : at::IntArrayRef{}, logits.options());
+  Tensor totals = at::empty({checks || !none ? N_TOTALS : 0}, logits.options().dtype(at::kDouble));
+  Tensor weighted = none ? at::empty({R}, values.options()) : Tensor();
+  double sum_id = 0, sum_ood = 0, n_id = 0, n_ood = 0, top = -1;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cpu_row_reduce", [&] {
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* w = call.weight.defined() ? call.weight.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* rows_out = none ? weighted.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t* y = call.labels.const_data_ptr<int64_t>();
+    // in entry order, one thread: the same bits on every run
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t label = y[r];
+      scalar_t term = 0;
+      if (call.contributes(label)) term = w ? v[r] * w[r] : v[r];
+      if (rows_out) rows_out[r] = term;
+      if (!call.valid(label)) continue;
+      top = std::max(top, static_cast<double>(label));
+      if (label >= 0) {
+        sum_id += term;
+        n_id += 1;
+      } else {
+        sum_ood += term;
+        n_ood += 1;
+      }
+    }
+  });
+  if (totals.numel()) {
+    double* t = totals.mutable_data_ptr<double>();
+    t[TOTAL_SUM_ID] = sum_id, t[TOTAL_SUM_OOD] = sum_ood, t[TOTAL_N_ID] = n_id, t[TOTAL_N_OOD] = n_ood;
+    t[TOTAL_MAX_LABEL] = top;
+  }
+  if (none) {
+    out.copy_(weighted);
+  } else {
+    double loss = sum_id + sum_ood;
+    if (reduction == REDUCE_MEAN_ID) loss = sum_id / std::max(n_id, 1.0);
+    if (reduction == REDUCE_MEAN_VALID) loss = (sum_id + sum_ood) / (n_id + n_ood);
+    if (reduction == REDUCE_MEAN_GROUPS) loss = sum_id / std::max(n_id, 1.0) + sum_ood / std::max(n_ood, 1.0);
+    out.fill_(loss);
+  }
+  return {out, totals, stats};
+}
+
+Tensor cpu_row_loss_reduced_bwd(
+    const Tensor& grad_out,
+    const Tensor& logits,
+    const Tensor& targets,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& cost,
+    const Tensor& totals,
+    const Tensor& stats,
+    int64_t kind,
+    double alpha,
+    double m_in,
+    double m_out,
+    std::optional<int64_t> ignore_index,
+    std::optional<int64_t> background,
+    int64_t reduction,
+    int64_t block_r,
+    int64_t block_c) {
+  const auto acc = acc_type(logits.scalar_type());
+  const ReducedCall call(targets, weight, acc, kind, ignore_index, background);
+  const int64_t R = call.labels.numel();
+  const bool none = reduction == REDUCE_NONE;
+  Tensor gamma = at::empty({R}, logits.options().dtype(acc));
+  const Tensor go = grad_out.reshape({-1}).to(acc).contiguous();
+  double nu_id = 1, nu_ood = 1;
+  if (!none) {
+    const Tensor t = totals.to(at::kDouble).contiguous();
+    const double n_id = t.const_data_ptr<double>()[TOTAL_N_ID], n_ood = t.const_data_ptr<double>()[TOTAL_N_OOD];
+    if (reduction == REDUCE_MEAN_ID) nu_id = 1.0 / std::max(n_id, 1.0);
+    if (reduction == REDUCE_MEAN_VALID) nu_id = nu_ood = 1.0 / (n_id + n_ood);
+    if (reduction == REDUCE_MEAN_GROUPS) {
+      nu_id = 1.0 / std::max(n_id, 1.0);
+      nu_ood = 1.0 / std::max(n_ood, 1.0);
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "cpu_row_gamma", [&] {
+    const scalar_t* g = go.const_data_ptr<scalar_t>();
+    const scalar_t* w = call.weight.defined() ? call.weight.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* y = call.labels.const_data_ptr<int64_t>();
+    scalar_t* out = gamma.mutable_data_ptr<scalar_t>();
+    // the normalisers rounded to ACC once, as the reference's reciprocal of the count in ACC
+    const scalar_t id_scale = static_cast<scalar_t>(nu_id), ood_scale = static_cast<scalar_t>(nu_ood);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t label = y[r];
+      if (!call.contributes(label)) {
+        out[r] = 0;
+        continue;
+      }
+      scalar_t value = none ? g[r] : g[0] * (label >= 0 ? id_scale : ood_scale);
+      out[r] = w ? value * w[r] : value;
+    }
+  });
+  return std::get<0>(row_backward(
+      "cpu_row_loss_reduced_bwd",
+      gamma,
+      std::nullopt,
+      logits,
+      call.kernel_targets,
+      cost,
+      stats,
+      std::nullopt,
+      std::nullopt,
+      kind,
+      alpha,
+      m_in,
+      m_out,
+      ignore_index,
+      block_c));
+}
+
 }  // namespace
 
 // The public schemas are the Python custom ops (oodkernels/ops/row_ops.py), which dispatch here for CPU
@@ -1602,6 +1794,14 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
       "cpu_row_loss_energy_bwd(Tensor grad_values, Tensor grad_energy, Tensor logits, Tensor targets, Tensor? cost, "
       "Tensor stats, Tensor energy, Tensor? class_weight, int kind, float alpha, float m_in, float m_out, "
       "int? ignore_index, int block_r, int block_c) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_row_loss_reduced_fwd(Tensor logits, Tensor targets, Tensor? weight, Tensor? cost, int kind, float alpha, "
+      "float m_in, float m_out, int? ignore_index, int? background, int reduction, bool checks, int block_r, "
+      "int block_c) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_row_loss_reduced_bwd(Tensor grad_out, Tensor logits, Tensor targets, Tensor? weight, Tensor? cost, "
+      "Tensor totals, Tensor stats, int kind, float alpha, float m_in, float m_out, int? ignore_index, "
+      "int? background, int reduction, int block_r, int block_c) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
@@ -1610,4 +1810,6 @@ TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
   m.impl("cpu_row_scores", &cpu_row_scores);
   m.impl("cpu_row_loss_energy_fwd", &cpu_row_loss_energy_fwd);
   m.impl("cpu_row_loss_energy_bwd", &cpu_row_loss_energy_bwd);
+  m.impl("cpu_row_loss_reduced_fwd", &cpu_row_loss_reduced_fwd);
+  m.impl("cpu_row_loss_reduced_bwd", &cpu_row_loss_reduced_bwd);
 }

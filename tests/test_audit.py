@@ -189,14 +189,14 @@ def test_the_cli_audits_a_case_and_ends_with_the_summary(tmp_path):
     last = done.stdout.strip().splitlines()[-1]
     match = SUMMARY.match(last)
     assert match, last
-    assert match.group(1) == "2" and match.group(2) == "90"  # the row forward and backward kernels
+    assert match.group(1) == "3" and match.group(2) == "90"  # the row forward, combine and backward kernels
     rows = list(csv.DictReader(open(next(tmp_path.glob("audit-sm90_*.csv")))))
     kernels = [r for r in rows if r["record"] == "kernel"]
     ledger = [r for r in rows if r["record"] == "ledger"]
-    assert {r["kernel"] for r in kernels} == {"_row_loss_fwd_kernel", "_row_loss_bwd_kernel"}
+    assert {r["kernel"] for r in kernels} == {"_row_loss_fwd_kernel", "_row_combine_kernel", "_row_loss_bwd_kernel"}
     assert all(int(r["registers"]) > 0 and r["arch"] == "sm_90" for r in kernels)
     assert len(ledger) == 1 and ledger[0]["first_case"] == "audit/CrossEntropyLoss/4096x100/fp32"
-    assert int(ledger[0]["triton_launches"]) == 2
+    assert int(ledger[0]["triton_launches"]) == 3
     assert int(ledger[0]["host_reads_checks_off"]) == 0 and int(ledger[0]["host_reads_checks_on"]) == 1
     assert int(match.group(5)) == int(ledger[0]["launches"])
 

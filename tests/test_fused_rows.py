@@ -466,7 +466,7 @@ def test_fused_block_shapes_agree(monkeypatch, name, block):
 
 def test_fused_is_used(fused, monkeypatch):
     """The triton backend really runs the kernels (not the reference) for the row criteria."""
-    calls = spy_calls(monkeypatch, row_ops._launchers(), "row_loss_forward")
+    calls = spy_calls(monkeypatch, row_ops._launchers(), "row_loss_reduced_forward")
     logits = rand_logits((6, C))
     targets = rand_targets(logits.shape, "mixed", n_classes=C - 1)  # valid for every criterion, background too
     for make in criteria().values():

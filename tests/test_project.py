@@ -152,5 +152,5 @@ def test_kernel_codes_agree_with_csrc():
         text = (ROOT / "csrc" / source).read_text()
         cpp = {name: int(value) for name, value in re.findall(r"constexpr int64_t (\w+) = (\d+);", text)}
         for name in sorted(names):
-            value = cpp.get(name.removeprefix(prefix) if name.endswith("N_STATS") else name)
+            value = cpp.get(name.removeprefix(prefix) if name.endswith(("N_STATS", "N_TOTALS")) else name)
             assert value == python[name], f"{name}: {python[name]} in codes.py, {value} in {source}"

@@ -105,6 +105,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _saved_rows(logits: Tensor, n_rows: int, block_r: int, block_c: int) -> int:
+    """Rows of the ``stats`` a forward saves: all of them on the C++ backend and for Triton rows that stream
+    through several class blocks; none for one-tile Triton rows (their backward recomputes the statistics)."""
+    if _on_cpp(logits) or codes.row_saves_stats(logits.shape[1], logits.element_size(), block_r, block_c):
+        return n_rows
+    return 0
+
+
 @torch.library.custom_op("oodkernels::row_loss_fwd", mutates_args=())
 def row_loss_fwd(
     logits: Tensor,
@@ -131,7 +139,8 @@ def row_loss_fwd(
 def _(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c):
     n_rows = targets.numel()
     acc = _acc(logits.dtype)
-    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((codes.ROW_N_STATS, n_rows), dtype=acc)
+    saved = _saved_rows(logits, n_rows, block_r, block_c)
+    return logits.new_empty((n_rows,), dtype=acc), logits.new_empty((codes.ROW_N_STATS, saved), dtype=acc)
 
 
 @torch.library.custom_op("oodkernels::row_loss_bwd", mutates_args=())
@@ -250,7 +259,7 @@ def _(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, bl
     return (
         logits.new_empty((n_rows,), dtype=acc),
         logits.new_empty((n_rows,), dtype=acc),
-        logits.new_empty((codes.ROW_N_STATS, n_rows), dtype=acc),
+        logits.new_empty((codes.ROW_N_STATS, _saved_rows(logits, n_rows, block_r, block_c)), dtype=acc),
     )
 
 
@@ -370,3 +379,196 @@ def _energy_bwd_backward(ctx, grad, grad_w):
 
 
 row_loss_energy_bwd.register_autograd(_energy_bwd_backward, setup_context=_bwd_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reduced op: the whole criterion (row math, masks, weights, normalisers) in the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("oodkernels::row_loss_reduced_fwd", mutates_args=())
+def row_loss_reduced_fwd(
+    logits: Tensor,
+    targets: Tensor,
+    weight: Optional[Tensor],
+    cost: Optional[Tensor],
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: Optional[int],
+    background: Optional[int],
+    reduction: int,
+    checks: bool,
+    block_r: int,
+    block_c: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_reduced_fwd(
+            logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
+            block_r, block_c,
+        )  # fmt: skip
+    return _launchers().row_loss_reduced_forward(
+        logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
+        _override(block_r, block_c),
+    )  # fmt: skip
+
+
+@row_loss_reduced_fwd.register_fake
+def _(logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks, block_r,
+      block_c):  # fmt: skip
+    n_rows = targets.numel()
+    none = reduction == codes.REDUCE_NONE
+    out = logits.new_empty((n_rows,) if none else ())
+    totals = logits.new_empty((codes.ROW_N_TOTALS if checks or not none else 0,), dtype=torch.float64)
+    stats = logits.new_empty(
+        (codes.ROW_N_STATS, _saved_rows(logits, n_rows, block_r, block_c)), dtype=_acc(logits.dtype)
+    )
+    return out, totals, stats
+
+
+@torch.library.custom_op("oodkernels::row_loss_reduced_bwd", mutates_args=())
+def row_loss_reduced_bwd(
+    grad_out: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    weight: Optional[Tensor],
+    cost: Optional[Tensor],
+    totals: Tensor,
+    stats: Tensor,
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: Optional[int],
+    background: Optional[int],
+    reduction: int,
+    block_r: int,
+    block_c: int,
+) -> Tensor:
+    if _on_cpp(logits):
+        return torch.ops.oodkernels.cpu_row_loss_reduced_bwd(
+            grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index,
+            background, reduction, block_r, block_c,
+        )  # fmt: skip
+    return _launchers().row_loss_reduced_backward(
+        grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index, background,
+        reduction, _override(block_r, block_c),
+    )  # fmt: skip
+
+
+@row_loss_reduced_bwd.register_fake
+def _(grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index, background,
+      reduction, block_r, block_c):  # fmt: skip
+    return torch.empty_like(logits)
+
+
+def _reduced_setup_context(ctx, inputs, output):
+    logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, _, br, bc = inputs
+    _, totals, stats = output
+    ctx.mark_non_differentiable(totals, stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logits, targets, weight, cost, totals, stats)
+    ctx.params = (kind, alpha, m_in, m_out, ignore_index, background, reduction, br, bc)
+
+
+def _reduced_backward(ctx, grad_out, grad_totals, grad_stats):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError(
+            "oodkernels::row_loss_reduced_fwd: no gradient for the per-entry weight; the row criteria run "
+            "row_loss_fwd and a torch reduction when the weight requires grad"
+        )
+    logits, targets, weight, cost, totals, stats = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0] and grad_out is not None:
+        kind, alpha, m_in, m_out, ignore_index, background, reduction, br, bc = ctx.params
+        grad_logits = torch.ops.oodkernels.row_loss_reduced_bwd(
+            grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index,
+            background, reduction, br, bc,
+        )  # fmt: skip
+    return (grad_logits,) + (None,) * 13
+
+
+row_loss_reduced_fwd.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+
+
+def _reduced_bwd_backward(ctx, grad):
+    raise RuntimeError(
+        "oodkernels::row_loss_reduced_bwd: double backward through the fused row kernels is not supported; "
+        "use OODKERNELS_BACKEND=reference for higher-order gradients"
+    )
+
+
+row_loss_reduced_bwd.register_autograd(_reduced_bwd_backward, setup_context=_bwd_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager C++ call: the same operators without the custom op's Python layers
+# ----------------------------------------------------------------------------------------------
+
+
+class _EagerCppReduced(torch.autograd.Function):
+    """``row_loss_reduced_fwd`` on the C++ backend in eager mode, as a plain autograd function over the C++
+    operators: the custom op's Python dispatch and its generated autograd wrapper cost more than the whole
+    criterion at small shapes (256 x 10). Same outputs, same backward, same errors; compiled and traced calls,
+    fake tensors and tensor subclasses keep the custom op (opcheck and ``torch.compile`` see only that)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weight, cost, *params):
+        kind, alpha, m_in, m_out, ignore_index, background, reduction, checks, block_r, block_c = params
+        out, totals, stats = torch.ops.oodkernels.cpu_row_loss_reduced_fwd(
+            logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
+            block_r, block_c,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(totals, stats)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, weight, cost, totals, stats)
+        ctx.params = (kind, alpha, m_in, m_out, ignore_index, background, reduction, block_r, block_c)
+        return out, totals, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_totals, grad_stats):
+        if ctx.needs_input_grad[2]:
+            _reduced_backward(ctx, grad_out, grad_totals, grad_stats)  # raises the op's error
+        logits, targets, weight, cost, totals, stats = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0] and grad_out is not None:
+            kind, alpha, m_in, m_out, ignore_index, background, reduction, br, bc = ctx.params
+            grad_logits = torch.ops.oodkernels.cpu_row_loss_reduced_bwd(
+                grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index,
+                background, reduction, br, bc,
+            )  # fmt: skip
+        return (grad_logits,) + (None,) * 13
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    return t is None or (type(t) is Tensor and not t.is_meta)
+
+
+def row_loss_reduced(
+    logits: Tensor,
+    targets: Tensor,
+    weight: Optional[Tensor],
+    cost: Optional[Tensor],
+    kind: int,
+    alpha: float,
+    m_in: float,
+    m_out: float,
+    ignore_index: Optional[int],
+    background: Optional[int],
+    reduction: int,
+    checks: bool,
+    block_r: int,
+    block_c: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``oodkernels::row_loss_reduced_fwd``, called the cheapest way that keeps its semantics: eager calls on
+    the C++ backend go straight to the C++ operators (:class:`_EagerCppReduced`), everything else (CUDA,
+    the interpreter, ``torch.compile``, tracing, fake tensors, subclasses) through the custom op."""
+    args = (logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
+            block_r, block_c)  # fmt: skip
+    eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    if eager and _plain(logits) and _plain(targets) and _plain(weight) and _plain(cost) and _on_cpp(logits):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _EagerCppReduced.apply(*args)
+        return torch.ops.oodkernels.cpu_row_loss_reduced_fwd(*args)
+    return torch.ops.oodkernels.row_loss_reduced_fwd(*args)

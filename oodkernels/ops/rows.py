@@ -1,28 +1,35 @@
 """The row criteria and scores on the fused kernels (Triton; C++ on CPU), behind the reference's exact API.
 
 Each function here has the signature, checks, warnings, errors, reductions and dtypes of its
-reference in :mod:`oodkernels.reference.logits` / :mod:`oodkernels.reference.scores`: the shared
-prologue :func:`prepare_rows` (metadata checks, masks, queued data checks) and epilogue
-:func:`reduce_rows` (weights, device-side normalisers) come from the reference; only the per-row
-math runs in the kernel (``oodkernels::row_loss_fwd``), read in place from the logits' strides.
-The data checks are read once, after the reduction (LOSS_CONTRACT §2.11).
+reference in :mod:`oodkernels.reference.logits` / :mod:`oodkernels.reference.scores`. A row criterion
+runs the metadata checks both paths share (:func:`oodkernels.reference._row_checks.check_row_call`)
+and then one custom op, ``oodkernels::row_loss_reduced_fwd``: the kernels classify the entries (any
+integer target dtype, read in place), apply the weights and the reduction's device-side normalisers,
+and produce the data checks' values (OOD count, largest valid label), read once when the checks are
+on (LOSS_CONTRACT §2.11). A weight that requires grad, and LogitNorm's 'none' (its ID rows only), run
+the per-row op ``row_loss_fwd`` with the reference's prologue and reduction instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..kernels import codes
+from ..reference import _row_checks as _checks
 from ..reference import confidence as _ref_confidence
 from ..reference import logits as _ref
 from ..reference import objectosphere as _ref_objectosphere
 from ..reference import paired as _ref_paired
 from ..reference import scores as _ref_scores
 from ..reference import vos as _ref_vos
-from . import row_ops  # noqa: F401  (registers the custom ops)
+from ..reference._common import DROP_UNKNOWN_MESSAGE
+from ..reference._common import DataChecks
+from ..reference._common import LabelOutOfRangeError
+from . import row_ops
 from .row_ops import block_args
 
 #: reference kind -> (kernel kind, fixed α) ; entropic is outlier exposure with α = 1
@@ -36,6 +43,56 @@ _KERNEL_KIND = {
     "margin_confidence": (codes.MARGIN_CONFIDENCE, None),
     "logit_norm": (codes.LOGIT_NORM, None),
 }
+
+
+#: (reference kind, reduction) -> the reduced op's reduction code; 'none' is REDUCE_NONE for every kind
+_MEAN = {
+    "cross_entropy": codes.REDUCE_MEAN_ID,
+    "logit_norm": codes.REDUCE_MEAN_ID,
+    "background": codes.REDUCE_MEAN_VALID,
+    "outlier_exposure": codes.REDUCE_MEAN_VALID,
+    "entropic": codes.REDUCE_MEAN_VALID,
+    "energy": codes.REDUCE_MEAN_GROUPS,
+    "confidence_penalty": codes.REDUCE_MEAN_GROUPS,
+    "margin_confidence": codes.REDUCE_MEAN_GROUPS,
+}
+
+
+def _reduction_code(kind: str, reduction) -> int:
+    if reduction == "mean":
+        return _MEAN[kind]
+    return codes.REDUCE_SUM if reduction == "sum" else codes.REDUCE_NONE
+
+
+def _queue_label_checks(checks: DataChecks, totals: Tensor, kind: str, n_columns: int, *, n_classes, targets_name,
+                        warn_ood) -> None:  # fmt: skip
+    """The row criteria's data checks (LOSS_CONTRACT §2.11) on the kernel's totals, read once at flush: the
+    drop-unknown warning from the OOD count, the label range checks from the largest valid label."""
+    seen = {}
+
+    def ood_count(value: float) -> None:
+        seen["n_ood"] = value
+        if warn_ood and value > 0:
+            warnings.warn(DROP_UNKNOWN_MESSAGE, UserWarning, stacklevel=5)
+
+    def max_label(top: float) -> None:
+        name = targets_name
+        if kind == "background":
+            if top >= n_classes:
+                _checks.label_too_large()(top)
+            # OOD entries are labelled n_classes from here on
+            top = max(top, n_classes if seen["n_ood"] > 0 else -1)
+            name = _checks.BACKGROUND_LABEL_NAME
+        if top >= n_columns:
+            raise LabelOutOfRangeError(
+                f"{name}: label {int(top)} is out of range for {n_columns} classes "
+                f"(expected labels < {n_columns}; negative labels mark OOD samples)"
+            )
+
+    actions = [None] * codes.ROW_N_TOTALS
+    actions[codes.TOTAL_N_OOD] = ood_count
+    actions[codes.TOTAL_MAX_LABEL] = max_label
+    checks.add_each(totals, actions)
 
 
 def _fused(
@@ -54,6 +111,62 @@ def _fused(
     targets_name: str = "targets",
     warn_ood: Optional[bool] = None,
 ) -> Tensor:
+    """One row criterion on the reduced op: metadata checks, then the kernels do the rest (row math, masks,
+    weights, normalisers, and the check values, read once when the data checks are on)."""
+    call = _checks.check_row_call(
+        kind,
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        n_classes=n_classes,
+        targets_name=targets_name,
+    )
+    kernel_kind, fixed_alpha = _KERNEL_KIND[kind]
+    alpha = float(alpha if fixed_alpha is None else fixed_alpha)
+    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    if weight_grad or (kind == "logit_norm" and reduction == "none"):
+        # dL/dweight needs the row values, LogitNorm's 'none' keeps the ID rows only (a host read): the
+        # per-row op and the reference's reduction
+        return _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight,
+                        cost_matrix, ignore_index, targets_name, warn_ood)  # fmt: skip
+    checks = DataChecks(logits, targets, weight)
+    cost = None if call.cost is None else call.cost.contiguous()
+    code = _reduction_code(kind, reduction)
+    out, totals, _ = row_ops.row_loss_reduced(
+        logits,
+        targets,
+        None if weight is None else weight.detach(),
+        cost,
+        kernel_kind,
+        alpha,
+        float(m_in),
+        float(m_out),
+        call.ignore_index,
+        n_classes if kind == "background" else None,
+        code,
+        checks.active,
+        *block_args(),
+    )
+    if checks.active:
+        _queue_label_checks(
+            checks,
+            totals,
+            kind,
+            logits.shape[1],
+            n_classes=n_classes,
+            targets_name=targets_name,
+            warn_ood=(kind == "logit_norm") if warn_ood is None else warn_ood,
+        )
+        checks.flush()
+    return out.reshape(targets.shape) if code == codes.REDUCE_NONE else out
+
+
+def _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight, cost_matrix,
+             ignore_index, targets_name, warn_ood) -> Tensor:  # fmt: skip
+    """The per-row op and the reference's prologue and reduction (differentiable in the weight)."""
     setup = _ref.prepare_rows(
         kind,
         logits,
@@ -66,7 +179,6 @@ def _fused(
         targets_name=targets_name,
         warn_ood=warn_ood,
     )
-    kernel_kind, fixed_alpha = _KERNEL_KIND[kind]
     # background: the remapped labels (OOD -> N); elsewhere the caller's targets, read through their strides
     kernel_targets = setup.targets.reshape(setup.shape) if kind == "background" else targets
     cost = None if setup.cost is None else setup.cost.contiguous()
@@ -75,7 +187,7 @@ def _fused(
         kernel_targets,
         cost,
         kernel_kind,
-        float(alpha if fixed_alpha is None else fixed_alpha),
+        alpha,
         float(m_in),
         float(m_out),
         setup.ignore_index,

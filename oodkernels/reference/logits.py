@@ -44,8 +44,6 @@ entry's value is NaN), plus the per-criterion warnings and errors documented bel
 
 from __future__ import annotations
 
-import operator
-from typing import Callable
 from typing import Optional
 
 import torch
@@ -61,15 +59,20 @@ from ._common import ShapeError
 from ._common import Task
 from ._common import as_rows
 from ._common import check_floating
-from ._common import check_logits_and_targets
-from ._common import check_reduction
-from ._common import check_same_device
-from ._common import check_targets
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import row_uniform_cross_entropy
 from ._common import select_id_rows
 from ._common import weighted_energy_of
+from ._row_checks import BACKGROUND_LABEL_NAME
+from ._row_checks import ID_ONLY_KINDS
+from ._row_checks import KINDS  # noqa: F401  (re-exported: the kinds prepare_rows and reduce_rows know)
+from ._row_checks import check_ignore_index
+from ._row_checks import check_kind
+from ._row_checks import check_reduction_of
+from ._row_checks import check_row_call
+from ._row_checks import flat_weight
+from ._row_checks import label_too_large
 
 __all__ = [
     "ce_and_energy",
@@ -100,41 +103,6 @@ _AGNOSTOPHOBIA = Paper(
     year=2018,
     url="https://proceedings.neurips.cc/paper/2018/file/48db71587df6c7c442e5b76cc723169a-Paper.pdf",
 )
-
-# reductions understood by torch.nn.functional.cross_entropy (None is not one of them)
-_TORCH_REDUCTIONS = ("mean", "sum", "none")
-
-#: the kinds of row criterion :func:`prepare_rows` and :func:`reduce_rows` know
-KINDS = (
-    "cross_entropy",
-    "background",
-    "outlier_exposure",
-    "entropic",
-    "energy",
-    "confidence_penalty",
-    "margin_confidence",
-    "logit_norm",
-)
-
-# logits ranks accepted per kind (None: any rank >= 2)
-_RANKS = {
-    "cross_entropy": None,
-    "background": None,
-    "outlier_exposure": (2, 4),
-    "entropic": (2, 4),
-    "energy": (2, 4),
-    "confidence_penalty": (2, 4),
-    "margin_confidence": (2, 4),
-    "logit_norm": (2,),
-}
-
-# kinds that follow torch.nn.functional.cross_entropy's reduction errors
-_TORCH_REDUCTION_KINDS = ("cross_entropy", "background", "logit_norm")
-
-# kinds whose OOD entries contribute nothing (the loss is over the ID entries only)
-_ID_ONLY_KINDS = ("cross_entropy", "logit_norm")
-
-_BACKGROUND_LABEL_NAME = "targets (OOD entries mapped to the background class)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,85 +182,6 @@ class RowSetup:
         return self._is_ood
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-
-
-def _check_torch_reduction(reduction) -> None:
-    """PyTorch's own error for a reduction its cross-entropy does not know (``None`` included)."""
-    if not (isinstance(reduction, str) and reduction in _TORCH_REDUCTIONS):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-
-
-def _check_reduction_of(kind: str, reduction) -> None:
-    """The reduction error of criterion ``kind``, raised before any work is done."""
-    if kind == "cross_entropy":
-        _check_torch_reduction("none" if reduction is None else reduction)
-    elif kind in _TORCH_REDUCTION_KINDS:
-        _check_torch_reduction(reduction)
-    else:
-        check_reduction(reduction)
-
-
-def _check_ignore_index(ignore_index) -> Optional[int]:
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, (bool, Tensor)):
-        raise TypeError(f"ignore_index: expected an int label, got {type(ignore_index).__name__}")
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index: expected an int label, got {type(ignore_index).__name__}") from None
-
-
-def _broadcastable(shape: tuple, target: tuple) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (numpy rules, ``target`` unchanged)."""
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
-
-
-def _flat_weight(weight, logits: Tensor, targets: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    """``weight`` checked, broadcast to the targets' shape and flattened to ``(R,)`` in ``acc``."""
-    if weight is None:
-        return None
-    check_floating("weight", weight)
-    if not _broadcastable(tuple(weight.shape), tuple(targets.shape)):
-        raise ShapeError(
-            f"weight: expected a shape broadcastable to the targets' shape {tuple(targets.shape)} "
-            f"(one weight per entry), got {tuple(weight.shape)}"
-        )
-    check_same_device(logits=logits, weight=weight)
-    return torch.broadcast_to(weight, targets.shape).reshape(-1).to(acc)
-
-
-def _checked_cost(cost_matrix, logits: Tensor, acc: torch.dtype) -> Optional[Tensor]:
-    """``cost_matrix`` checked against ``C = logits.shape[1]``, detached, in ``acc``."""
-    if cost_matrix is None:
-        return None
-    check_floating("cost_matrix", cost_matrix)
-    n_columns = logits.shape[1]
-    if tuple(cost_matrix.shape) != (n_columns, n_columns):
-        raise ShapeError(
-            f"cost_matrix: expected shape ({n_columns}, {n_columns}) (C x C, C = logits.shape[1]), "
-            f"got {tuple(cost_matrix.shape)}"
-        )
-    check_same_device(logits=logits, cost_matrix=cost_matrix)
-    return cost_matrix.detach().to(acc)
-
-
-def _label_too_large() -> Callable[[float], None]:
-    """The data-check action of §3.1: the reference's message, with the max label printed as a tensor."""
-
-    def action(top: float) -> None:
-        if top >= 0:  # encoded below as -1 when no label reaches n_classes
-            # the reference formats a 0-d tensor, which prints as its bare number
-            raise ValueError(f"Target label to large: {int(top)}")
-
-    return action
-
-
 def prepare_rows(
     kind: str,
     logits: Tensor,
@@ -326,20 +215,19 @@ def prepare_rows(
         None: only for ``'logit_norm'``
     :return: a :class:`RowSetup`
     """
-    _check_kind(kind)
-    if kind == "logit_norm":
-        check_floating("logits", logits)
-        check_targets(targets_name, targets)
-        if targets.dim() != 1:
-            raise ValueError(f"Expected targets of shape B, got {tuple(targets.shape)}")
-    check_logits_and_targets(logits, targets, ranks=_RANKS[kind], targets_name=targets_name)
-    _check_reduction_of(kind, reduction)
-    if kind == "background" and n_classes is None:
-        raise ValueError("n_classes: required for kind 'background'")
-    ignore_index = _check_ignore_index(ignore_index)
-    out, acc = result_dtypes(logits)
-    flat_weight = _flat_weight(weight, logits, targets, acc)
-    cost = _checked_cost(cost_matrix, logits, acc)
+    call = check_row_call(
+        kind,
+        logits,
+        targets,
+        reduction=reduction,
+        weight=weight,
+        cost_matrix=cost_matrix,
+        ignore_index=ignore_index,
+        n_classes=n_classes,
+        targets_name=targets_name,
+    )
+    out, acc, cost, ignore_index = call
+    weights = flat_weight(weight, logits, targets, acc)
     n_columns = logits.shape[1]
 
     checks = DataChecks(logits, targets, weight)
@@ -360,10 +248,10 @@ def prepare_rows(
         if checks.active and flat.numel():
             # the max (non-ignored) label when one is too large, else -1 (no action)
             top = unless_ignored(flat).max()
-            checks.add(torch.where(top >= n_classes, top, torch.full_like(top, -1)), _label_too_large())
+            checks.add(torch.where(top >= n_classes, top, torch.full_like(top, -1)), label_too_large())
         is_ood = flat < 0 if valid is None else valid & (flat < 0)
         flat = torch.where(is_ood, torch.full_like(flat, n_classes), flat)
-        label_name = _BACKGROUND_LABEL_NAME
+        label_name = BACKGROUND_LABEL_NAME
     if checks.active:
         checks.check_labels_below(unless_ignored(flat), n_columns, name=label_name)
     return RowSetup(
@@ -371,7 +259,7 @@ def prepare_rows(
         acc=acc,
         targets=flat,
         valid=valid,
-        weight=flat_weight,
+        weight=weights,
         cost=cost,
         shape=targets.shape,
         checks=checks,
@@ -400,9 +288,9 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
 
     Ignored entries are 0 in every ``'none'`` output (left out of LogitNorm's).
     """
-    _check_kind(kind)
-    _check_reduction_of(kind, reduction)
-    id_only = kind in _ID_ONLY_KINDS
+    check_kind(kind)
+    check_reduction_of(kind, reduction)
+    id_only = kind in ID_ONLY_KINDS
     # the mask of the contributing entries; with every entry valid, the valid mask would select everything
     masked = id_only or not setup.all_valid
     if masked:
@@ -611,7 +499,7 @@ def _init_options(module: nn.Module, cost_matrix: Optional[Tensor], ignore_index
         if cost_matrix.dim() != 2 or cost_matrix.shape[0] != cost_matrix.shape[1]:
             raise ShapeError(f"cost_matrix: expected a square (C, C) matrix, got shape {tuple(cost_matrix.shape)}")
     module.register_buffer("cost_matrix", cost_matrix, persistent=False)
-    module.ignore_index = _check_ignore_index(ignore_index)
+    module.ignore_index = check_ignore_index(ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------
