@@ -15,6 +15,14 @@ import pytest  # noqa: E402
 
 import oodkernels  # noqa: E402,F401
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import _interpreter  # noqa: E402
+    except ImportError:  # triton is not installed (the no-triton runs)
+        pass
+    else:
+        _interpreter.install()
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore_checks():

@@ -1,11 +1,30 @@
-"""The row family's custom operators: ``oodkernels::row_loss_fwd``, ``row_loss_bwd``, ``row_scores``.
+"""The row family's custom operators: ``oodkernels::row_loss_reduced_fwd/bwd``, ``row_loss_fwd/bwd``,
+``row_loss_energy_fwd/bwd``, ``row_scores``.
 
 They wrap the Triton launchers of :mod:`oodkernels.kernels.rows` as ``torch.library`` custom ops
 (``mutates_args=()``, fake impls, registered autograd), so ``torch.compile(fullgraph=True)`` sees
 them as opaque nodes and CUDA-graph capture works (no host synchronisation inside).
 
+The reduced op (what the row criteria run)::
+
+    row_loss_reduced_fwd(Tensor logits, Tensor targets, Tensor? weight, Tensor? cost, int kind, float alpha,
+                         float m_in, float m_out, int? ignore_index, int? background, int reduction,
+                         bool checks, int block_r, int block_c) -> (Tensor out, Tensor totals, Tensor stats)
+    row_loss_reduced_bwd(Tensor grad_out, Tensor logits, Tensor targets, Tensor? weight, Tensor? cost,
+                         Tensor totals, Tensor stats, int kind, ..., int? background, int reduction,
+                         int block_r, int block_c) -> Tensor grad_logits
+
+    The whole criterion: ``targets`` of any integer dtype (read in place), ``weight`` (not differentiated)
+    broadcastable to the targets' shape, ``background`` the BackgroundClassLoss column of OOD entries,
+    ``reduction`` a ``codes.REDUCE_*`` code. ``out`` is in the logits' dtype: the reduced loss (), or the
+    masked ``w·ℓ`` per entry (R,) for ``REDUCE_NONE``; ``totals`` (ROW_N_TOTALS,) float64 on the device
+    (``codes.TOTAL_*``: group sums and counts, largest valid label; (0,) for 'none' without ``checks``);
+    ``stats`` what the backward reads besides the logits ((ROW_N_STATS, 0) for one-tile Triton rows).
+
+The per-row ops (the batch-coupled criteria, and a ``weight`` that requires grad):
+
 ``row_loss_fwd(logits, targets, cost, kind, alpha, m_in, m_out, ignore_index, block_r, block_c)``
-    -> ``(values (R,), stats (4, R))`` in fp32 (fp64 for fp64 logits). ``values`` is differentiable
+    -> ``(values (R,), stats (ROW_N_STATS, R or 0))`` in fp32 (fp64 for fp64 logits). ``values`` is differentiable
     with respect to ``logits``; the caller reduces it with plain torch ops (means with device-side
     normalisers, weights), so autograd hands the backward a per-row ``γ`` that already holds
     ``grad_output``, every normaliser and every weight (KERNEL_GUIDE P2).
@@ -507,6 +526,10 @@ row_loss_reduced_bwd.register_autograd(_reduced_bwd_backward, setup_context=_bwd
 # ----------------------------------------------------------------------------------------------
 
 
+def _cpu_reduced_bwd(*args):
+    return torch.ops.oodkernels.cpu_row_loss_reduced_bwd(*args)
+
+
 class _EagerCppReduced(torch.autograd.Function):
     """``row_loss_reduced_fwd`` on the C++ backend in eager mode, as a plain autograd function over the C++
     operators: the custom op's Python dispatch and its generated autograd wrapper cost more than the whole
@@ -534,7 +557,9 @@ class _EagerCppReduced(torch.autograd.Function):
         grad_logits = None
         if ctx.needs_input_grad[0] and grad_out is not None:
             kind, alpha, m_in, m_out, ignore_index, background, reduction, br, bc = ctx.params
-            grad_logits = torch.ops.oodkernels.cpu_row_loss_reduced_bwd(
+            # with create_graph the custom op, whose own backward raises the double-backward error
+            op = torch.ops.oodkernels.row_loss_reduced_bwd if torch.is_grad_enabled() else _cpu_reduced_bwd
+            grad_logits = op(
                 grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index,
                 background, reduction, br, bc,
             )  # fmt: skip
