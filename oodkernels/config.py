@@ -29,9 +29,18 @@ data_checks: bool = True
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
 
+#: the last ``OODKERNELS_BACKEND`` string seen and its validated value (every call reads the variable; the
+#: parsing is what the cache saves, on the eager path of every criterion call)
+_parsed: list = [None, "auto"]
+
+
 def requested_backend() -> str:
     """The backend named by ``OODKERNELS_BACKEND`` (default ``auto``), validated."""
-    value = os.environ.get("OODKERNELS_BACKEND", "auto").strip().lower() or "auto"
+    raw = os.environ.get("OODKERNELS_BACKEND")
+    if raw is not None and raw == _parsed[0]:
+        return _parsed[1]
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"OODKERNELS_BACKEND: expected one of {', '.join(BACKENDS)}, got {value!r}")
+    _parsed[0], _parsed[1] = raw, value
     return value

@@ -522,48 +522,9 @@ row_loss_reduced_bwd.register_autograd(_reduced_bwd_backward, setup_context=_bwd
 
 
 # ----------------------------------------------------------------------------------------------
-# the eager C++ call: the same operators without the custom op's Python layers
+# the eager C++ call: the same operators without the custom op's Python layers (csrc/rows.cpp
+# cpu_row_loss_reduced_step: the forward and its backward registered as one C++ autograd function)
 # ----------------------------------------------------------------------------------------------
-
-
-def _cpu_reduced_bwd(*args):
-    return torch.ops.oodkernels.cpu_row_loss_reduced_bwd(*args)
-
-
-class _EagerCppReduced(torch.autograd.Function):
-    """``row_loss_reduced_fwd`` on the C++ backend in eager mode, as a plain autograd function over the C++
-    operators: the custom op's Python dispatch and its generated autograd wrapper cost more than the whole
-    criterion at small shapes (256 x 10). Same outputs, same backward, same errors; compiled and traced calls,
-    fake tensors and tensor subclasses keep the custom op (opcheck and ``torch.compile`` see only that)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, weight, cost, *params):
-        kind, alpha, m_in, m_out, ignore_index, background, reduction, checks, block_r, block_c = params
-        out, totals, stats = torch.ops.oodkernels.cpu_row_loss_reduced_fwd(
-            logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
-            block_r, block_c,
-        )  # fmt: skip
-        ctx.mark_non_differentiable(totals, stats)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, targets, weight, cost, totals, stats)
-        ctx.params = (kind, alpha, m_in, m_out, ignore_index, background, reduction, block_r, block_c)
-        return out, totals, stats
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_totals, grad_stats):
-        if ctx.needs_input_grad[2]:
-            _reduced_backward(ctx, grad_out, grad_totals, grad_stats)  # raises the op's error
-        logits, targets, weight, cost, totals, stats = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0] and grad_out is not None:
-            kind, alpha, m_in, m_out, ignore_index, background, reduction, br, bc = ctx.params
-            # with create_graph the custom op, whose own backward raises the double-backward error
-            op = torch.ops.oodkernels.row_loss_reduced_bwd if torch.is_grad_enabled() else _cpu_reduced_bwd
-            grad_logits = op(
-                grad_out, logits, targets, weight, cost, totals, stats, kind, alpha, m_in, m_out, ignore_index,
-                background, reduction, br, bc,
-            )  # fmt: skip
-        return (grad_logits,) + (None,) * 13
 
 
 def _plain(t: Optional[Tensor]) -> bool:
@@ -586,14 +547,18 @@ def row_loss_reduced(
     block_r: int,
     block_c: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``oodkernels::row_loss_reduced_fwd``, called the cheapest way that keeps its semantics: eager calls on
-    the C++ backend go straight to the C++ operators (:class:`_EagerCppReduced`), everything else (CUDA,
-    the interpreter, ``torch.compile``, tracing, fake tensors, subclasses) through the custom op."""
+    """``oodkernels::row_loss_reduced_fwd``, called the cheapest way that keeps its semantics.
+
+    Eager calls on the C++ backend run ``oodkernels::cpu_row_loss_reduced_step``, the same C++ operators with
+    their backward registered in C++ (one dispatcher call, no Python autograd layer: at 256 x 10 the custom
+    op's Python dispatch and generated autograd wrapper cost more than the criterion); it returns no
+    ``stats`` (None). Everything else (CUDA, the interpreter, ``torch.compile``, tracing, fake tensors,
+    subclasses) goes through the custom op, which opcheck and the compiler see.
+    """
     args = (logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
             block_r, block_c)  # fmt: skip
     eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     if eager and _plain(logits) and _plain(targets) and _plain(weight) and _plain(cost) and _on_cpp(logits):
-        if torch.is_grad_enabled() and logits.requires_grad:
-            return _EagerCppReduced.apply(*args)
-        return torch.ops.oodkernels.cpu_row_loss_reduced_fwd(*args)
+        out, totals = torch.ops.oodkernels.cpu_row_loss_reduced_step(*args)
+        return out, totals, None
     return torch.ops.oodkernels.row_loss_reduced_fwd(*args)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import config as ok_config
 from ..kernels import codes
 from ..reference import _row_checks as _checks
 from ..reference import confidence as _ref_confidence
@@ -27,8 +28,8 @@ from ..reference import paired as _ref_paired
 from ..reference import scores as _ref_scores
 from ..reference import vos as _ref_vos
 from ..reference._common import DROP_UNKNOWN_MESSAGE
-from ..reference._common import DataChecks
 from ..reference._common import LabelOutOfRangeError
+from ..reference._common import in_eager_mode
 from . import row_ops
 from .row_ops import block_args
 
@@ -64,35 +65,25 @@ def _reduction_code(kind: str, reduction) -> int:
     return codes.REDUCE_SUM if reduction == "sum" else codes.REDUCE_NONE
 
 
-def _queue_label_checks(checks: DataChecks, totals: Tensor, kind: str, n_columns: int, *, n_classes, targets_name,
-                        warn_ood) -> None:  # fmt: skip
-    """The row criteria's data checks (LOSS_CONTRACT §2.11) on the kernel's totals, read once at flush: the
-    drop-unknown warning from the OOD count, the label range checks from the largest valid label."""
-    seen = {}
-
-    def ood_count(value: float) -> None:
-        seen["n_ood"] = value
-        if warn_ood and value > 0:
-            warnings.warn(DROP_UNKNOWN_MESSAGE, UserWarning, stacklevel=5)
-
-    def max_label(top: float) -> None:
-        name = targets_name
-        if kind == "background":
-            if top >= n_classes:
-                _checks.label_too_large()(top)
-            # OOD entries are labelled n_classes from here on
-            top = max(top, n_classes if seen["n_ood"] > 0 else -1)
-            name = _checks.BACKGROUND_LABEL_NAME
-        if top >= n_columns:
-            raise LabelOutOfRangeError(
-                f"{name}: label {int(top)} is out of range for {n_columns} classes "
-                f"(expected labels < {n_columns}; negative labels mark OOD samples)"
-            )
-
-    actions = [None] * codes.ROW_N_TOTALS
-    actions[codes.TOTAL_N_OOD] = ood_count
-    actions[codes.TOTAL_MAX_LABEL] = max_label
-    checks.add_each(totals, actions)
+def _check_totals(totals: list, kind: str, n_columns: int, *, n_classes, targets_name, warn_ood) -> None:
+    """The row criteria's data checks (LOSS_CONTRACT §2.11) on the host copy of the kernel's totals, in the
+    reference's order: the drop-unknown warning from the OOD count, then the label range checks from the
+    largest valid label."""
+    n_ood, top = totals[codes.TOTAL_N_OOD], totals[codes.TOTAL_MAX_LABEL]
+    if warn_ood and n_ood > 0:
+        warnings.warn(DROP_UNKNOWN_MESSAGE, UserWarning, stacklevel=5)
+    name = targets_name
+    if kind == "background":
+        if top >= n_classes:
+            _checks.label_too_large()(top)
+        # OOD entries are labelled n_classes from here on
+        top = max(top, n_classes if n_ood > 0 else -1)
+        name = _checks.BACKGROUND_LABEL_NAME
+    if top >= n_columns:
+        raise LabelOutOfRangeError(
+            f"{name}: label {int(top)} is out of range for {n_columns} classes "
+            f"(expected labels < {n_columns}; negative labels mark OOD samples)"
+        )
 
 
 def _fused(
@@ -132,7 +123,7 @@ def _fused(
         # per-row op and the reference's reduction
         return _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight,
                         cost_matrix, ignore_index, targets_name, warn_ood)  # fmt: skip
-    checks = DataChecks(logits, targets, weight)
+    checks_on = ok_config.data_checks and in_eager_mode(logits, targets, weight)
     cost = None if call.cost is None else call.cost.contiguous()
     code = _reduction_code(kind, reduction)
     out, totals, _ = row_ops.row_loss_reduced(
@@ -147,20 +138,18 @@ def _fused(
         call.ignore_index,
         n_classes if kind == "background" else None,
         code,
-        checks.active,
+        checks_on,
         *block_args(),
     )
-    if checks.active:
-        _queue_label_checks(
-            checks,
-            totals,
+    if checks_on:
+        _check_totals(
+            totals.tolist(),  # the call's one device-to-host read
             kind,
             logits.shape[1],
             n_classes=n_classes,
             targets_name=targets_name,
             warn_ood=(kind == "logit_norm") if warn_ood is None else warn_ood,
         )
-        checks.flush()
     return out.reshape(targets.shape) if code == codes.REDUCE_NONE else out
 
 

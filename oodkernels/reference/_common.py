@@ -293,11 +293,8 @@ def in_eager_mode(*tensors: Optional[Tensor]) -> bool:
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
-    return not any(isinstance(t, Tensor) and _is_fake(t) for t in tensors)
-
-
-def _no_action(value: float) -> None:
-    pass
+    # a plain torch.Tensor is never fake (FakeTensor is a subclass): only subclasses need the lookup
+    return not any(isinstance(t, Tensor) and type(t) is not Tensor and _is_fake(t) for t in tensors)
 
 
 class DataChecks:
@@ -324,15 +321,6 @@ class DataChecks:
         if self.active:
             self._values.append(value.detach().reshape(()))
             self._actions.append(action)
-
-    def add_each(self, values: Tensor, actions: Sequence[Optional[Callable[[float], None]]]) -> None:
-        """Queue a 1-d tensor whose i-th host value goes to ``actions[i]`` (None: not read by any action).
-
-        For check values a kernel produces itself (the fused row criteria's ``totals``): read as they are.
-        """
-        if self.active:
-            self._values.append(values.detach().reshape(-1))
-            self._actions.extend(action or _no_action for action in actions)
 
     def warn_if(self, condition: Tensor, message: str, category=UserWarning) -> None:
         """Warn with ``message`` if the 0-d boolean ``condition`` is true."""
@@ -371,10 +359,7 @@ class DataChecks:
         """Read every queued value with one transfer, then run the actions in order."""
         if not self._values:
             return
-        if len(self._values) == 1 and self._values[0].dtype == torch.float64:
-            values = self._values[0].reshape(-1).tolist()
-        else:
-            values = torch.cat([v.reshape(-1).to(torch.float64) for v in self._values]).tolist()
+        values = torch.stack([v.to(torch.float64) for v in self._values]).tolist()
         actions = self._actions
         self._values, self._actions = [], []
         for value, action in zip(values, actions):
