@@ -1631,7 +1631,8 @@ struct ReducedCall {
     ignore_index = ignore.value_or(0);
     id_only = (kind == CROSS_ENTROPY || kind == LOGIT_NORM) && !background.has_value();
     if (w.has_value()) weight = w->expand(targets.sizes()).reshape({-1}).to(acc).contiguous();
-    kernel_targets = targets;
+    // int64 targets are read in place; narrower ones are converted here once (the row kernel reads int64)
+    kernel_targets = targets.scalar_type() == at::kLong ? targets : labels.view(targets.sizes());
     if (background.has_value()) {
       Tensor remapped = labels.clone();
       int64_t* y = remapped.mutable_data_ptr<int64_t>();

@@ -123,8 +123,11 @@ def _exp(x, USE_FP64: tl.constexpr):
 
 @triton.jit
 def _param(p, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
-    """A scalar hyper-parameter (an fp64 argument, so fp64 runs see it unrounded) as an ACC vector."""
-    return (tl.zeros([BLOCK_R], ACC) + p).to(ACC)
+    """A scalar hyper-parameter (an fp64 argument, so fp64 runs see it unrounded) as an ACC vector.
+
+    The scalar is rounded to ACC once, then broadcast: no fp64 vector arithmetic (its register pairs made
+    ptxas spill 8 bytes on sm_80)."""
+    return tl.zeros([BLOCK_R], ACC) + p.to(ACC)
 
 
 @triton.jit
