@@ -60,10 +60,11 @@ def interpreted() -> bool:
 def row_tiles(n_classes: int, element_size: int, block_r: int = 0, block_c: int = 0) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_C, num_warps)`` of a row kernel launch; the fake impls size ``stats`` from it too.
 
-    Compiled for a GPU, a tile holds 1024 elements (512 for fp64) at 4 warps, 8 per thread: sized by the
-    audit (``bench/audit.py``) to stay under 128 registers without spilling. The class block covers the row
-    (one tile: the backward then recomputes the statistics instead of saving them) up to the tile size;
-    wider rows stream through the online pass; narrow rows share a program (``BLOCK_R`` rows).
+    Compiled for a GPU, a tile holds 256 elements per warp-row of 16 bytes: 2048 for 2-byte dtypes, 1024 for
+    fp32, 512 for fp64, at 8 warps, so that each thread holds one 128-bit vector of the logits (8 bf16, 4 fp32),
+    sized by the audit (``bench/audit.py``, sm_90 and sm_80) to stay under 128 registers without spilling. The
+    class block covers the row (one tile: the backward then recomputes the statistics instead of saving them)
+    up to the tile size; wider rows stream through the online pass; narrow rows share a program (``BLOCK_R``).
     In the interpreter, where no register file exists and each program instance costs Python time, the
     tile is 4096 elements (2048 for fp64). ``block_r, block_c > 0``: forced blocks (tests).
     """
@@ -72,12 +73,12 @@ def row_tiles(n_classes: int, element_size: int, block_r: int = 0, block_c: int 
     if interpreted():
         tile = 2048 if element_size == 8 else 4096
     else:
-        tile = 512 if element_size == 8 else 1024
+        tile = {8: 512, 4: 1024}.get(element_size, 2048)
     block_c = 1
     while block_c < min(max(n_classes, 1), tile):
         block_c *= 2
     block_r = max(1, min(128, tile // block_c))
-    return block_r, block_c, 4
+    return block_r, block_c, 8
 
 
 def row_saves_stats(n_classes: int, element_size: int, block_r: int = 0, block_c: int = 0) -> bool:

@@ -100,7 +100,6 @@ from .codes import REDUCE_NONE
 from .codes import ROW_N_STATS
 from .codes import ROW_N_TOTALS
 from .codes import SCORE_WEIGHTED_ENERGY
-from .codes import interpreted as codes_interpreted
 from .codes import row_tiles
 
 LOGIT_NORM_EPS = 1e-7
@@ -1048,10 +1047,6 @@ def _backward(
     has_weight = class_weight is not None and grad_energy is not None
     acc = _acc(logits.dtype)
     partial = torch.empty((n_programs if has_weight else 0, n_classes), dtype=acc, device=logits.device)
-    if kind == LOGIT_NORM and not codes_interpreted():
-        # LogitNorm's one-tile backward keeps the most live values (norm, ρ, δ·x): 8 warps keep it under 128
-        # registers (the audit measured 146 at 4)
-        num_warps = 8
     dummy = stats
     _row_loss_bwd_kernel[grid](
         G=grad_rows, X=logits, Y=targets, EW=entry_weight if entry_weight is not None else dummy,
