@@ -126,7 +126,8 @@ def _param(p, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
 
     The scalar is rounded to ACC once, then broadcast: no fp64 vector arithmetic (its register pairs made
     ptxas spill 8 bytes on sm_80)."""
-    return tl.zeros([BLOCK_R], ACC) + p.to(ACC)
+    # [1] in fp64 first: p may arrive as a Python float (the interpreter), which must not round through fp32
+    return tl.zeros([BLOCK_R], ACC) + (tl.zeros([1], tl.float64) + p).to(ACC)
 
 
 @triton.jit
