@@ -1048,6 +1048,10 @@ def _backward(
     has_weight = class_weight is not None and grad_energy is not None
     acc = _acc(logits.dtype)
     partial = torch.empty((n_programs if has_weight else 0, n_classes), dtype=acc, device=logits.device)
+    if kind == LOGIT_NORM and logits.element_size() == 2:
+        # LogitNorm's one-tile backward keeps the most values live (‖x‖, ρ, δ·x): with 8 bf16/fp16 per thread
+        # it needed 142 registers (audit, sm_90); twice the warps halve that
+        num_warps *= 2
     dummy = stats
     _row_loss_bwd_kernel[grid](
         G=grad_rows, X=logits, Y=targets, EW=entry_weight if entry_weight is not None else dummy,
