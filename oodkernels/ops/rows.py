@@ -28,8 +28,8 @@ from ..reference import paired as _ref_paired
 from ..reference import scores as _ref_scores
 from ..reference import vos as _ref_vos
 from ..reference._common import DROP_UNKNOWN_MESSAGE
-from ..reference._common import LabelOutOfRangeError
 from ..reference._common import in_eager_mode
+from ..reference._common import label_out_of_range
 from . import row_ops
 from .row_ops import block_args
 
@@ -80,10 +80,7 @@ def _check_totals(totals: list, kind: str, n_columns: int, *, n_classes, targets
         top = max(top, n_classes if n_ood > 0 else -1)
         name = _checks.BACKGROUND_LABEL_NAME
     if top >= n_columns:
-        raise LabelOutOfRangeError(
-            f"{name}: label {int(top)} is out of range for {n_columns} classes "
-            f"(expected labels < {n_columns}; negative labels mark OOD samples)"
-        )
+        raise label_out_of_range(name, top, n_columns)
 
 
 def _fused(
@@ -104,6 +101,14 @@ def _fused(
 ) -> Tensor:
     """One row criterion on the reduced op: metadata checks, then the kernels do the rest (row math, masks,
     weights, normalisers, and the check values, read once when the data checks are on)."""
+    kernel_kind, fixed_alpha = _KERNEL_KIND[kind]
+    alpha = float(alpha if fixed_alpha is None else fixed_alpha)
+    weight_grad = isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled()
+    if weight_grad or (kind == "logit_norm" and reduction == "none"):
+        # dL/dweight needs the row values, LogitNorm's 'none' keeps the ID rows only (a host read): the
+        # per-row op and the reference's prologue (its checks included) and reduction
+        return _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight,
+                        cost_matrix, ignore_index, targets_name, warn_ood)  # fmt: skip
     call = _checks.check_row_call(
         kind,
         logits,
@@ -115,14 +120,6 @@ def _fused(
         n_classes=n_classes,
         targets_name=targets_name,
     )
-    kernel_kind, fixed_alpha = _KERNEL_KIND[kind]
-    alpha = float(alpha if fixed_alpha is None else fixed_alpha)
-    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
-    if weight_grad or (kind == "logit_norm" and reduction == "none"):
-        # dL/dweight needs the row values, LogitNorm's 'none' keeps the ID rows only (a host read): the
-        # per-row op and the reference's reduction
-        return _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight,
-                        cost_matrix, ignore_index, targets_name, warn_ood)  # fmt: skip
     checks_on = ok_config.data_checks and in_eager_mode(logits, targets, weight)
     cost = None if call.cost is None else call.cost.contiguous()
     code = _reduction_code(kind, reduction)

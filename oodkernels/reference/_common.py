@@ -297,6 +297,14 @@ def in_eager_mode(*tensors: Optional[Tensor]) -> bool:
     return not any(isinstance(t, Tensor) and type(t) is not Tensor and _is_fake(t) for t in tensors)
 
 
+def label_out_of_range(name: str, label: float, n_classes: int) -> LabelOutOfRangeError:
+    """The error of a label ``>= n_classes`` read by a data check (the reference's and the kernels' checks)."""
+    return LabelOutOfRangeError(
+        f"{name}: label {int(label)} is out of range for {n_classes} classes "
+        f"(expected labels < {n_classes}; negative labels mark OOD samples)"
+    )
+
+
 class DataChecks:
     """Collects the value-dependent checks of one call and reads them with a single transfer.
 
@@ -348,10 +356,7 @@ class DataChecks:
 
         def action(v: float) -> None:
             if v >= n_classes:
-                raise LabelOutOfRangeError(
-                    f"{name}: label {int(v)} is out of range for {n_classes} classes "
-                    f"(expected labels < {n_classes}; negative labels mark OOD samples)"
-                )
+                raise label_out_of_range(name, v, n_classes)
 
         self.add(top, action)
 
