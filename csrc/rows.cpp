@@ -1603,6 +1603,7 @@ constexpr int64_t REDUCE_MEAN_ID = 1;
 constexpr int64_t REDUCE_MEAN_VALID = 2;
 constexpr int64_t REDUCE_MEAN_GROUPS = 3;
 constexpr int64_t REDUCE_SUM = 4;
+constexpr int64_t REDUCE_GROUP_SUMS = 5;
 constexpr int64_t TOTAL_SUM_ID = 0;
 constexpr int64_t TOTAL_SUM_OOD = 1;
 constexpr int64_t TOTAL_N_ID = 2;
@@ -1667,14 +1668,17 @@ std::tuple<Tensor, Tensor, Tensor> cpu_row_loss_reduced_fwd(
     int64_t block_r,
     int64_t block_c) {
   const char* op = "cpu_row_loss_reduced_fwd";
-  TORCH_CHECK(reduction >= REDUCE_NONE && reduction <= REDUCE_SUM, "oodkernels::", op, ": unknown reduction ", reduction);
+  TORCH_CHECK(
+      reduction >= REDUCE_NONE && reduction <= REDUCE_GROUP_SUMS, "oodkernels::", op, ": unknown reduction ", reduction);
   const auto acc = acc_type(logits.scalar_type());
   const ReducedCall call(targets, weight, acc, kind, ignore_index, background);
   auto [values, energy, stats] = row_forward(
       op, logits, call.kernel_targets, cost, kind, alpha, m_in, m_out, ignore_index, block_c, false, std::nullopt);
   const int64_t R = call.labels.numel();
   const bool none = reduction == REDUCE_NONE;
-  Tensor out = at::empty(none ? at::IntArrayRef{R} : at::IntArrayRef{}, logits.options());
+  const bool group_sums = reduction == REDUCE_GROUP_SUMS;
+  Tensor out = group_sums ? at::empty({2}, logits.options().dtype(at::kDouble))
+                          : at::empty(none ? at::IntArrayRef{R} : at::IntArrayRef{}, logits.options());
   Tensor totals = at::empty({checks || !none ? N_TOTALS : 0}, logits.options().dtype(at::kDouble));
   Tensor weighted = none ? at::empty({R}, values.options()) : Tensor();
   double sum_id = 0, sum_ood = 0, n_id = 0, n_ood = 0, top = -1;
@@ -1707,6 +1711,10 @@ std::tuple<Tensor, Tensor, Tensor> cpu_row_loss_reduced_fwd(
   }
   if (none) {
     out.copy_(weighted);
+  } else if (group_sums) {
+    // the two sums, for a process group's normalisers (ops/rows.py divides them by the global counts)
+    double* o = out.mutable_data_ptr<double>();
+    o[0] = sum_id, o[1] = sum_ood;
   } else {
     double loss = sum_id + sum_ood;
     if (reduction == REDUCE_MEAN_ID) loss = sum_id / std::max(n_id, 1.0);
@@ -1751,6 +1759,12 @@ Tensor cpu_row_loss_reduced_bwd(
       nu_ood = 1.0 / std::max(n_ood, 1.0);
     }
   }
+  // GROUP_SUMS: grad_out holds dL/dΣ_ID and dL/dΣ_OOD, each row's γ is w times its group's
+  const bool group_sums = reduction == REDUCE_GROUP_SUMS;
+  TORCH_CHECK(
+      !group_sums || grad_out.numel() == 2,
+      "oodkernels::cpu_row_loss_reduced_bwd: expected the (2,) gradient of the group sums, got ",
+      grad_out.sizes());
   AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "cpu_row_gamma", [&] {
     const scalar_t* g = go.const_data_ptr<scalar_t>();
     const scalar_t* w = call.weight.defined() ? call.weight.const_data_ptr<scalar_t>() : nullptr;
@@ -1764,7 +1778,7 @@ Tensor cpu_row_loss_reduced_bwd(
         out[r] = 0;
         continue;
       }
-      scalar_t value = none ? g[r] : g[0] * (label >= 0 ? id_scale : ood_scale);
+      scalar_t value = none ? g[r] : group_sums ? g[label >= 0 ? 0 : 1] : g[0] * (label >= 0 ? id_scale : ood_scale);
       out[r] = w ? value * w[r] : value;
     }
   });

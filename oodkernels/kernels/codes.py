@@ -41,6 +41,7 @@ REDUCE_MEAN_ID = 1  # Σ_ID w·ℓ / max(N_ID, 1)                      (CrossEnt
 REDUCE_MEAN_VALID = 2  # Σ_valid w·ℓ / N_valid, NaN when empty       (BackgroundClass, OE, Entropic)
 REDUCE_MEAN_GROUPS = 3  # Σ_ID/max(N_ID, 1) + Σ_OOD/max(N_OOD, 1)     (Energy, ConfidencePenalty, MarginConfidence)
 REDUCE_SUM = 4  # Σ w·ℓ
+REDUCE_GROUP_SUMS = 5  # (Σ_ID w·ℓ, Σ_OOD w·ℓ) in float64, differentiable: a process group's global mean
 
 #: the reduced row op's ``totals`` (float64, on the device): the program-order sums of the partials that the
 #: forward kernel writes per program; the counts are what a distributed reduction all-reduces

@@ -96,6 +96,7 @@ import triton.language as tl
 # the KIND / WHICH / reduction codes and the buffer sizes live in the triton-free codes module, which the ops import
 from .codes import CROSS_ENTROPY
 from .codes import LOGIT_NORM
+from .codes import REDUCE_GROUP_SUMS
 from .codes import REDUCE_NONE
 from .codes import ROW_N_STATS
 from .codes import ROW_N_TOTALS
@@ -510,7 +511,7 @@ def _row_loss_fwd_kernel(
 @triton.jit
 def _row_combine_kernel(
     Partials,  # (n_parts, PARTIAL_COLUMNS) float64
-    Out,  # () the reduced loss, output dtype
+    Out,  # () the reduced loss, output dtype; (2,) float64 group sums for REDUCE_GROUP_SUMS
     Totals,  # (ROW_N_TOTALS,) float64
     n_parts,
     REDUCTION: tl.constexpr,
@@ -541,6 +542,9 @@ def _row_combine_kernel(
         loss = tl.where(count > 0, (sum_id + sum_ood) / tl.maximum(count, 1.0), float("nan"))
     elif REDUCTION == 3:  # MEAN_GROUPS
         loss = sum_id / tl.maximum(n_id, 1.0) + sum_ood / tl.maximum(n_ood, 1.0)
+    elif REDUCTION == 5:  # GROUP_SUMS: the two sums, for a process group's normalisers
+        loss = sum_id
+        tl.store(Out + 1, sum_ood)
     else:  # SUM (and NONE, whose totals only feed the data checks)
         loss = sum_id + sum_ood
     if Out.dtype.element_ty == tl.float64:
@@ -566,7 +570,8 @@ def _row_gamma(
 ):  # fmt: skip
     """γ, the upstream gradient of each row value: per row from ``G`` (``GAMMA`` 0), or for the reduced op
     ``grad_output[r]·w`` (``'none'``, 1) or ``grad_output·w·ν(group)`` with the reduction's normaliser ν read
-    from the totals (2). Rows that do not contribute get exactly 0."""
+    from the totals (2; for REDUCE_GROUP_SUMS ``G`` holds the gradients of the two group sums, γ = w·G[group]).
+    Rows that do not contribute get exactly 0."""
     if GAMMA == 0:
         return tl.load(G + rows * stride_g, mask=row_mask, other=0.0).to(ACC)
     contributes = in_id if ID_ONLY else (in_id | in_ood)
@@ -586,7 +591,12 @@ def _row_gamma(
         if REDUCTION == 3:  # MEAN_GROUPS
             nu_id = 1.0 / tl.maximum(n_id, 1.0)
             nu_ood = 1.0 / tl.maximum(n_ood, 1.0)
-        gamma = tl.where(in_id, g * nu_id, tl.where(in_ood, g * nu_ood, 0.0))
+        g_id = g * nu_id
+        g_ood = g * nu_ood
+        if REDUCTION == 5:  # GROUP_SUMS: G = (dL/dΣ_ID, dL/dΣ_OOD)
+            g_id = g
+            g_ood = tl.load(G + 1).to(ACC)
+        gamma = tl.where(in_id, g_id, tl.where(in_ood, g_ood, 0.0))
         gamma = tl.where(contributes, gamma, 0.0)
     if HAS_ENTRY_WEIGHT:
         gamma = gamma * tl.load(EW + ew_off, mask=contributes, other=0.0).to(ACC)
@@ -981,7 +991,8 @@ def row_loss_reduced_forward(
     """The reduced forward: ``(out, totals, stats)``.
 
     ``out`` is the loss in the logits' dtype: () for a mean or sum, (R,) of ``w·ℓ`` (0 where an entry does not
-    contribute) for ``REDUCE_NONE``; ``totals`` (ROW_N_TOTALS,) float64 (codes.TOTAL_*; (0,) for 'none' without
+    contribute) for ``REDUCE_NONE``, (2,) float64 group sums for ``REDUCE_GROUP_SUMS``; ``totals``
+    (ROW_N_TOTALS,) float64 (codes.TOTAL_*; (0,) for 'none' without
     ``checks``); ``stats`` (ROW_N_STATS, R) when the rows stream, else (ROW_N_STATS, 0). Two launches: the
     forward (per-program partials) and the combine.
     """
@@ -989,7 +1000,10 @@ def row_loss_reduced_forward(
     id_only = kind in (CROSS_ENTROPY, LOGIT_NORM) and background is None
     none = reduction == REDUCE_NONE
     n_rows = targets.numel()
-    out = torch.empty((n_rows,) if none else (), dtype=logits.dtype, device=logits.device)
+    if reduction == REDUCE_GROUP_SUMS:
+        out = torch.empty((2,), dtype=torch.float64, device=logits.device)
+    else:
+        out = torch.empty((n_rows,) if none else (), dtype=logits.dtype, device=logits.device)
     block_r, block_c, _ = launch_config(n_classes, logits.dtype, block_override)
     stats, partials = _forward(
         logits, targets, _entry_weight(weight, targets), cost, kind, alpha, m_in, m_out, ignore_index,

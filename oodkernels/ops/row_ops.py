@@ -17,8 +17,10 @@ The reduced op (what the row criteria run)::
     The whole criterion: ``targets`` of any integer dtype (read in place), ``weight`` (not differentiated)
     broadcastable to the targets' shape, ``background`` the BackgroundClassLoss column of OOD entries,
     ``reduction`` a ``codes.REDUCE_*`` code. ``out`` is in the logits' dtype: the reduced loss (), or the
-    masked ``w·ℓ`` per entry (R,) for ``REDUCE_NONE``; ``totals`` (ROW_N_TOTALS,) float64 on the device
-    (``codes.TOTAL_*``: group sums and counts, largest valid label; (0,) for 'none' without ``checks``);
+    masked ``w·ℓ`` per entry (R,) for ``REDUCE_NONE``, or the float64 group sums ``(Σ_ID w·ℓ, Σ_OOD w·ℓ)`` (2,)
+    for ``REDUCE_GROUP_SUMS`` (a process group's mean divides them by the global counts); ``totals``
+    (ROW_N_TOTALS,) float64 on the device (``codes.TOTAL_*``: group sums and counts, largest valid label; (0,)
+    for 'none' without ``checks``);
     ``stats`` what the backward reads besides the logits ((ROW_N_STATS, 0) for one-tile Triton rows).
 
 The per-row ops (the batch-coupled criteria, and a ``weight`` that requires grad):
@@ -438,7 +440,10 @@ def _(logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, bac
       block_c):  # fmt: skip
     n_rows = targets.numel()
     none = reduction == codes.REDUCE_NONE
-    out = logits.new_empty((n_rows,) if none else ())
+    if reduction == codes.REDUCE_GROUP_SUMS:
+        out = logits.new_empty((2,), dtype=torch.float64)
+    else:
+        out = logits.new_empty((n_rows,) if none else ())
     totals = logits.new_empty((codes.ROW_N_TOTALS if checks or not none else 0,), dtype=torch.float64)
     stats = logits.new_empty(
         (codes.ROW_N_STATS, _saved_rows(logits, n_rows, block_r, block_c)), dtype=_acc(logits.dtype)

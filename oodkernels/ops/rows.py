@@ -30,6 +30,8 @@ from ..reference import vos as _ref_vos
 from ..reference._common import DROP_UNKNOWN_MESSAGE
 from ..reference._common import in_eager_mode
 from ..reference._common import label_out_of_range
+from ..reference._distributed import GlobalCounts
+from ..reference._distributed import check_process_group
 from . import row_ops
 from .row_ops import block_args
 
@@ -98,9 +100,14 @@ def _fused(
     ignore_index=None,
     targets_name: str = "targets",
     warn_ood: Optional[bool] = None,
+    process_group=None,
 ) -> Tensor:
     """One row criterion on the reduced op: metadata checks, then the kernels do the rest (row math, masks,
-    weights, normalisers, and the check values, read once when the data checks are on)."""
+    weights, normalisers, and the check values, read once when the data checks are on).
+
+    With a ``process_group`` and ``'mean'``, the op returns the group sums (``REDUCE_GROUP_SUMS``) and the
+    reference's :func:`~oodkernels.reference.logits.row_group_mean` divides them by the counts summed over
+    the group (one all-reduce of the kernel's (2,) count tensor)."""
     kernel_kind, fixed_alpha = _KERNEL_KIND[kind]
     alpha = float(alpha if fixed_alpha is None else fixed_alpha)
     weight_grad = isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled()
@@ -108,7 +115,7 @@ def _fused(
         # dL/dweight needs the row values, LogitNorm's 'none' keeps the ID rows only (a host read): the
         # per-row op and the reference's prologue (its checks included) and reduction
         return _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight,
-                        cost_matrix, ignore_index, targets_name, warn_ood)  # fmt: skip
+                        cost_matrix, ignore_index, targets_name, warn_ood, process_group)  # fmt: skip
     call = _checks.check_row_call(
         kind,
         logits,
@@ -120,9 +127,11 @@ def _fused(
         n_classes=n_classes,
         targets_name=targets_name,
     )
+    check_process_group(process_group)
     checks_on = ok_config.data_checks and in_eager_mode(logits, targets, weight)
     cost = None if call.cost is None else call.cost.contiguous()
-    code = _reduction_code(kind, reduction)
+    global_mean = process_group is not None and reduction == "mean"
+    code = codes.REDUCE_GROUP_SUMS if global_mean else _reduction_code(kind, reduction)
     out, totals, _ = row_ops.row_loss_reduced(
         logits,
         targets,
@@ -147,11 +156,16 @@ def _fused(
             targets_name=targets_name,
             warn_ood=(kind == "logit_norm") if warn_ood is None else warn_ood,
         )
+    if global_mean:
+        counts = GlobalCounts(totals[codes.TOTAL_N_ID : codes.TOTAL_N_OOD + 1], process_group)
+        loss = _ref.row_group_mean(kind, out[0], out[1], counts)
+        # through fp32 as the reference rounds its fp32 mean (fp64 logits keep fp64)
+        return (loss if logits.dtype == torch.float64 else loss.float()).to(logits.dtype)
     return out.reshape(targets.shape) if code == codes.REDUCE_NONE else out
 
 
 def _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, n_classes, weight, cost_matrix,
-             ignore_index, targets_name, warn_ood) -> Tensor:  # fmt: skip
+             ignore_index, targets_name, warn_ood, process_group) -> Tensor:  # fmt: skip
     """The per-row op and the reference's prologue and reduction (differentiable in the weight)."""
     setup = _ref.prepare_rows(
         kind,
@@ -179,13 +193,14 @@ def _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, 
         setup.ignore_index,
         *block_args(),
     )
-    loss = _ref.reduce_rows(kind, values, setup, reduction)
+    loss = _ref.reduce_rows(kind, values, setup, reduction, process_group)
     setup.checks.flush()
     return loss
 
 
 def cross_entropy(
-    logits, targets, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None, warn_ood=False
+    logits, targets, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None, warn_ood=False,
+    process_group=None,
 ):
     return _fused(
         "cross_entropy",
@@ -195,17 +210,20 @@ def cross_entropy(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
         warn_ood=warn_ood,
     )
 
 
 def background_class_loss(
-    logits, targets, n_classes, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None
+    logits, targets, n_classes, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    process_group=None,
 ):
     if isinstance(logits, Tensor) and logits.dim() == 1 and isinstance(targets, Tensor) and targets.dim() == 0:
         # unbatched input, as torch's cross-entropy accepts it: the same handling as the reference
         return _ref.background_class_loss(
-            logits, targets, n_classes, reduction, weight=weight, cost_matrix=cost_matrix, ignore_index=ignore_index
+            logits, targets, n_classes, reduction, weight=weight, cost_matrix=cost_matrix, ignore_index=ignore_index,
+            process_group=process_group,
         )
     return _fused(
         "background",
@@ -216,11 +234,13 @@ def background_class_loss(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
     )
 
 
 def outlier_exposure_loss(
-    logits, targets, alpha=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None
+    logits, targets, alpha=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    process_group=None,
 ):
     return _fused(
         "outlier_exposure",
@@ -231,11 +251,14 @@ def outlier_exposure_loss(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
         targets_name="target",
     )
 
 
-def entropic_open_set_loss(logits, targets, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None):
+def entropic_open_set_loss(
+    logits, targets, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None, process_group=None
+):
     return _fused(
         "entropic",
         logits,
@@ -244,6 +267,7 @@ def entropic_open_set_loss(logits, targets, reduction="mean", *, weight=None, co
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
         targets_name="target",
     )
 
@@ -259,6 +283,7 @@ def energy_regularized_loss(
     weight=None,
     cost_matrix=None,
     ignore_index=None,
+    process_group=None,
 ):
     return _fused(
         "energy",
@@ -271,11 +296,13 @@ def energy_regularized_loss(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
     )
 
 
 def confidence_penalty_loss(
-    logits, targets, lambda_ood=0.1, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None
+    logits, targets, lambda_ood=0.1, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    process_group=None,
 ):
     return _fused(
         "confidence_penalty",
@@ -286,11 +313,13 @@ def confidence_penalty_loss(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
     )
 
 
 def margin_confidence_loss(
-    logits, targets, margin=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None
+    logits, targets, margin=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    process_group=None,
 ):
     return _fused(
         "margin_confidence",
@@ -301,10 +330,13 @@ def margin_confidence_loss(
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
     )
 
 
-def logit_norm_loss(logits, target, t=1.0, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None):
+def logit_norm_loss(
+    logits, target, t=1.0, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None, process_group=None
+):
     return _fused(
         "logit_norm",
         logits,
@@ -314,6 +346,7 @@ def logit_norm_loss(logits, target, t=1.0, reduction="mean", *, weight=None, cos
         weight=weight,
         cost_matrix=cost_matrix,
         ignore_index=ignore_index,
+        process_group=process_group,
         targets_name="target",
     )
 

@@ -56,6 +56,8 @@ TORCH_REDUCTION_KINDS = ("cross_entropy", "background", "logit_norm")
 
 # kinds whose OOD entries contribute nothing (the loss is over the ID entries only)
 ID_ONLY_KINDS = ("cross_entropy", "logit_norm")
+#: the kinds whose 'mean' is mean_ID + mean_OOD (separate group means)
+GROUP_MEAN_KINDS = ("energy", "confidence_penalty", "margin_confidence")
 
 BACKGROUND_LABEL_NAME = "targets (OOD entries mapped to the background class)"
 

@@ -59,12 +59,16 @@ from ._common import ShapeError
 from ._common import Task
 from ._common import as_rows
 from ._common import check_floating
+from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import row_uniform_cross_entropy
 from ._common import select_id_rows
 from ._common import weighted_energy_of
+from ._distributed import GlobalCounts
+from ._distributed import check_process_group
 from ._row_checks import BACKGROUND_LABEL_NAME
+from ._row_checks import GROUP_MEAN_KINDS
 from ._row_checks import ID_ONLY_KINDS
 from ._row_checks import KINDS  # noqa: F401  (re-exported: the kinds prepare_rows and reduce_rows know)
 from ._row_checks import check_ignore_index
@@ -267,7 +271,7 @@ def prepare_rows(
     )
 
 
-def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor:
+def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction, process_group=None) -> Tensor:
     """The reduction of row criterion ``kind`` (the shared epilogue), in ``setup.out``.
 
     ``values`` are the ``(R,)`` per-entry terms ``ℓ_i`` in ``setup.acc``, **exactly 0** at every entry that
@@ -287,6 +291,9 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
       entries in order (one host read, :func:`select_id_rows`); ``None`` raises.
 
     Ignored entries are 0 in every ``'none'`` output (left out of LogitNorm's).
+
+    With a ``process_group`` of ``W`` ranks, ``'mean'`` divides by the counts summed over the group and
+    multiplies by ``W`` (:func:`row_group_mean`); ``'sum'`` and ``'none'`` are unaffected.
     """
     check_kind(kind)
     check_reduction_of(kind, reduction)
@@ -302,11 +309,15 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
         values = values * (torch.where(mask, weight, zero) if masked else weight)
     if reduction == "sum":
         return values.sum().to(setup.out)
+    if reduction == "mean" and process_group is not None:
+        counts = torch.stack([torch.count_nonzero(setup.is_id), torch.count_nonzero(setup.is_ood)])
+        sum_id, sum_ood = masked_sum(values, setup.is_id), masked_sum(values, setup.is_ood)
+        return row_group_mean(kind, sum_id, sum_ood, GlobalCounts(counts, process_group)).to(setup.out)
     if reduction == "mean":
         if id_only:
             # values are exactly 0 outside is_id (masked above): the masked mean is their sum over the ID count
             return (values.sum() / _group_count(setup.is_id, values.dtype)).to(setup.out)
-        if kind in ("energy", "confidence_penalty", "margin_confidence"):
+        if kind in GROUP_MEAN_KINDS:
             return _id_mean_plus_ood_mean(values, setup).to(setup.out)
         # PyTorch's convention: divide by the (unclamped) count, so an empty batch gives NaN
         count = float(values.numel()) if setup.all_valid else setup.valid.sum().to(values.dtype)
@@ -314,6 +325,19 @@ def reduce_rows(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor
     if kind == "logit_norm":
         return select_id_rows(values, setup.is_id).to(setup.out)
     return values.reshape(setup.shape).to(setup.out)
+
+
+def row_group_mean(kind: str, sum_id: Tensor, sum_ood: Tensor, counts: GlobalCounts) -> Tensor:
+    """The ``'mean'`` of row criterion ``kind`` from its group sums ``Σ_I w·ℓ``, ``Σ_O w·ℓ`` and the counts
+    ``(N_ID, N_OOD)`` (:class:`GlobalCounts`, summed over a process group or local): ``Σ_I/N_ID`` (ID-only
+    kinds), ``Σ_I/N_ID + Σ_O/N_OOD`` (the group-mean kinds; an empty group adds 0) or
+    ``(Σ_I + Σ_O)/(N_ID + N_OOD)`` (NaN when both are 0), each times the group's ``W``.
+    The fused kernels' ``process_group`` path reduces their group sums with this too."""
+    if kind in ID_ONLY_KINDS:
+        return counts.mean(sum_id, 0)
+    if kind in GROUP_MEAN_KINDS:
+        return counts.mean(sum_id, 0) + counts.mean(sum_ood, 1)
+    return counts.mean(sum_id + sum_ood, 0, 1, empty_is_nan=True)
 
 
 def _group_count(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -373,7 +397,9 @@ def _id_or_ood(id_values: Tensor, ood_values: Optional[Tensor], setup: RowSetup)
 # ----------------------------------------------------------------------------------------------
 
 
-def _cross_entropy(logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood: bool) -> Tensor:
+def _cross_entropy(
+    logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood: bool, process_group=None
+) -> Tensor:
     setup = prepare_rows(
         "cross_entropy",
         logits,
@@ -387,7 +413,7 @@ def _cross_entropy(logits, targets, reduction, weight, cost_matrix, ignore_index
     rows = _acc_rows(logits, setup)
     ce, _ = row_cross_entropy(rows, setup.targets)
     values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
-    loss = reduce_rows("cross_entropy", values, setup, reduction)
+    loss = reduce_rows("cross_entropy", values, setup, reduction, process_group)
     setup.checks.flush()
     return loss
 
@@ -401,6 +427,7 @@ def cross_entropy(
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
     warn_ood: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy over the ID entries; OOD entries (``y < 0``) contribute nothing (LOSS_CONTRACT.md §2.5).
 
@@ -425,10 +452,15 @@ def cross_entropy(
     :param weight: optional floating weights broadcastable to ``(B, *S)``
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :param warn_ood: emit the drop-unknown warning when OOD entries are present (as :class:`CrossEntropyLoss`)
     :return: 0-d for ``'mean'``/``'sum'``, else ``(B, *S)``; in the dtype of ``logits``
     """
-    return _cross_entropy(logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood=warn_ood)
+    return _cross_entropy(
+        logits, targets, reduction, weight, cost_matrix, ignore_index, warn_ood=warn_ood, process_group=process_group
+    )
 
 
 class CrossEntropyLoss(nn.Module):
@@ -463,15 +495,18 @@ class CrossEntropyLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None`` (same as ``'none'``)
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -487,19 +522,25 @@ class CrossEntropyLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
             warn_ood=True,
         )
 
 
-def _init_options(module: nn.Module, cost_matrix: Optional[Tensor], ignore_index: Optional[int]) -> None:
+def _init_options(
+    module: nn.Module, cost_matrix: Optional[Tensor], ignore_index: Optional[int], process_group=None
+) -> None:
     """Store the options of a row criterion: ``cost_matrix`` as a non-persistent buffer (kept out of the
-    state_dict, so the keys stay pytorch-ood's, but moved by ``.to(device)``), ``ignore_index`` as an attribute."""
+    state_dict, so the keys stay pytorch-ood's, but moved by ``.to(device)``), ``ignore_index`` and
+    ``process_group`` as attributes (checked here, so a wrong group fails at construction)."""
     if cost_matrix is not None:
         check_floating("cost_matrix", cost_matrix)
         if cost_matrix.dim() != 2 or cost_matrix.shape[0] != cost_matrix.shape[1]:
             raise ShapeError(f"cost_matrix: expected a square (C, C) matrix, got shape {tuple(cost_matrix.shape)}")
     module.register_buffer("cost_matrix", cost_matrix, persistent=False)
     module.ignore_index = check_ignore_index(ignore_index)
+    check_process_group(process_group)
+    module.process_group = process_group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +557,7 @@ def background_class_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy with OOD entries mapped to an extra background class (LOSS_CONTRACT.md §3.1).
 
@@ -548,6 +590,9 @@ def background_class_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(N + 1, N + 1)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
     if isinstance(logits, Tensor) and logits.dim() == 1 and isinstance(targets, Tensor) and targets.dim() == 0:
@@ -577,7 +622,7 @@ def background_class_loss(
     rows = _acc_rows(logits, setup)
     ce, _ = row_cross_entropy(rows, setup.targets)
     values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
-    loss = reduce_rows("background", values, setup, reduction)
+    loss = reduce_rows("background", values, setup, reduction, process_group)
     setup.checks.flush()
     return loss
 
@@ -610,17 +655,20 @@ class BackgroundClassLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param n_classes: number of ID classes ``N`` (the background class is not counted)
         :param reduction: ``'mean'``, ``'sum'`` or ``'none'``
         :param cost_matrix: optional ``(N + 1, N + 1)`` confusion costs
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.num_classes = n_classes
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -637,6 +685,7 @@ class BackgroundClassLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -645,7 +694,9 @@ class BackgroundClassLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _ce_or_uniform(kind: str, logits, targets, alpha: float, reduction, weight, cost_matrix, ignore_index) -> Tensor:
+def _ce_or_uniform(
+    kind: str, logits, targets, alpha: float, reduction, weight, cost_matrix, ignore_index, process_group=None
+) -> Tensor:
     """``ω_i·CE(f_i, y_i)`` if ID, ``alpha·U(f_i)`` if OOD, reduced over all non-ignored entries."""
     setup = prepare_rows(
         kind,
@@ -661,7 +712,7 @@ def _ce_or_uniform(kind: str, logits, targets, alpha: float, reduction, weight, 
     ce, lse = row_cross_entropy(rows, setup.targets)
     uniform = row_uniform_cross_entropy(rows, lse)
     values = _id_or_ood(_with_cost(ce, rows, setup), alpha * uniform, setup)
-    loss = reduce_rows(kind, values, setup, reduction)
+    loss = reduce_rows(kind, values, setup, reduction, process_group)
     setup.checks.flush()
     return loss
 
@@ -675,6 +726,7 @@ def outlier_exposure_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Outlier Exposure loss as pytorch-ood implements it (LOSS_CONTRACT.md §3.3).
 
@@ -700,9 +752,14 @@ def outlier_exposure_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    return _ce_or_uniform("outlier_exposure", logits, targets, alpha, reduction, weight, cost_matrix, ignore_index)
+    return _ce_or_uniform(
+        "outlier_exposure", logits, targets, alpha, reduction, weight, cost_matrix, ignore_index, process_group
+    )
 
 
 class OutlierExposureLoss(nn.Module):
@@ -735,17 +792,20 @@ class OutlierExposureLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param alpha: weight ``α`` of the OOD term
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.alpha = alpha
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -762,6 +822,7 @@ class OutlierExposureLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -773,6 +834,7 @@ def entropic_open_set_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Entropic open-set loss (LOSS_CONTRACT.md §3.4).
 
@@ -795,9 +857,14 @@ def entropic_open_set_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    return _ce_or_uniform("entropic", logits, targets, 1.0, reduction, weight, cost_matrix, ignore_index)
+    return _ce_or_uniform(
+        "entropic", logits, targets, 1.0, reduction, weight, cost_matrix, ignore_index, process_group
+    )
 
 
 class EntropicOpenSetLoss(nn.Module):
@@ -824,15 +891,18 @@ class EntropicOpenSetLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID terms
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -848,6 +918,7 @@ class EntropicOpenSetLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -872,8 +943,8 @@ def _group_setup(kind: str, logits, targets, reduction, weight, cost_matrix, ign
     return setup, rows, _with_cost(ce, rows, setup), lse
 
 
-def _finish(kind: str, values: Tensor, setup: RowSetup, reduction) -> Tensor:
-    loss = reduce_rows(kind, values, setup, reduction)
+def _finish(kind: str, values: Tensor, setup: RowSetup, reduction, process_group=None) -> Tensor:
+    loss = reduce_rows(kind, values, setup, reduction, process_group)
     setup.checks.flush()
     return loss
 
@@ -889,6 +960,7 @@ def energy_regularized_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy plus the energy-margin regulariser of Liu et al. 2020 (LOSS_CONTRACT.md §3.5).
 
@@ -915,13 +987,16 @@ def energy_regularized_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
     setup, _, ce, lse = _group_setup("energy", logits, targets, reduction, weight, cost_matrix, ignore_index)
     energy = -lse
     id_values = ce + alpha * (energy - margin_in).relu().pow(2)
     ood_values = alpha * (margin_out - energy).relu().pow(2)
-    return _finish("energy", _id_or_ood(id_values, ood_values, setup), setup, reduction)
+    return _finish("energy", _id_or_ood(id_values, ood_values, setup), setup, reduction, process_group)
 
 
 class EnergyRegularizedLoss(nn.Module):
@@ -958,6 +1033,7 @@ class EnergyRegularizedLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param alpha: weight ``α`` of the regulariser
@@ -966,13 +1042,15 @@ class EnergyRegularizedLoss(nn.Module):
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.m_in = margin_in
         self.m_out = margin_out
         self.alpha = alpha
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -991,6 +1069,7 @@ class EnergyRegularizedLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -1008,6 +1087,7 @@ def confidence_penalty_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy on ID entries plus a penalty on the confidence of OOD entries (design notes, SPEC §2).
 
@@ -1038,13 +1118,16 @@ def confidence_penalty_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
     setup, rows, ce, lse = _group_setup(
         "confidence_penalty", logits, targets, reduction, weight, cost_matrix, ignore_index
     )
     penalty = lambda_ood * _max_softmax(rows, lse)
-    return _finish("confidence_penalty", _id_or_ood(ce, penalty, setup), setup, reduction)
+    return _finish("confidence_penalty", _id_or_ood(ce, penalty, setup), setup, reduction, process_group)
 
 
 class ConfidencePenaltyLoss(nn.Module):
@@ -1074,17 +1157,20 @@ class ConfidencePenaltyLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param lambda_ood: weight ``λ`` of the OOD confidence penalty
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.lambda_ood = lambda_ood
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -1101,6 +1187,7 @@ class ConfidencePenaltyLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -1113,6 +1200,7 @@ def margin_confidence_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy on ID entries plus a hinge on the confidence of OOD entries (design notes, SPEC §2).
 
@@ -1140,13 +1228,16 @@ def margin_confidence_loss(
     :param weight: optional floating weights broadcastable to the targets' shape
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
     setup, rows, ce, lse = _group_setup(
         "margin_confidence", logits, targets, reduction, weight, cost_matrix, ignore_index
     )
     hinge = (_max_softmax(rows, lse) - margin).relu()
-    return _finish("margin_confidence", _id_or_ood(ce, hinge, setup), setup, reduction)
+    return _finish("margin_confidence", _id_or_ood(ce, hinge, setup), setup, reduction, process_group)
 
 
 class MarginConfidenceLoss(nn.Module):
@@ -1176,17 +1267,20 @@ class MarginConfidenceLoss(nn.Module):
         *,
         cost_matrix: Optional[Tensor] = None,
         ignore_index: Optional[int] = None,
+        process_group=None,
     ):
         """
         :param margin: confidence margin ``m``
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param cost_matrix: optional ``(C, C)`` confusion costs of the ID cross-entropy
         :param ignore_index: optional label whose entries are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.margin = margin
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -1203,6 +1297,7 @@ class MarginConfidenceLoss(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 
@@ -1220,6 +1315,7 @@ def logit_norm_loss(
     weight: Optional[Tensor] = None,
     cost_matrix: Optional[Tensor] = None,
     ignore_index: Optional[int] = None,
+    process_group=None,
 ) -> Tensor:
     """Cross-entropy of L2-normalised, temperature-scaled logits (Wei et al., ICML 2022; LOSS_CONTRACT.md §3.10).
 
@@ -1247,6 +1343,9 @@ def logit_norm_loss(
     :param weight: optional floating weights broadcastable to ``(B,)``
     :param cost_matrix: optional floating ``(C, C)``
     :param ignore_index: optional int label to ignore
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the counts
+        summed over the group and multiplies by ``W`` (README, "Distributed training"); ``'sum'`` and ``'none'``
+        are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, ``(N_ID,)`` for ``'none'``; in the dtype of ``logits``
     """
     setup = prepare_rows(
@@ -1263,7 +1362,7 @@ def logit_norm_loss(
     norm = torch.linalg.vector_norm(rows, ord=2, dim=1, keepdim=True) + 1e-7
     ce, _ = row_cross_entropy(rows / (t * norm), setup.targets)
     values = _id_or_ood(_with_cost(ce, rows, setup), None, setup)
-    return _finish("logit_norm", values, setup, reduction)
+    return _finish("logit_norm", values, setup, reduction, process_group)
 
 
 class LogitNorm(nn.Module):
@@ -1291,17 +1390,19 @@ class LogitNorm(nn.Module):
     #: the function ``forward`` computes; :mod:`oodkernels.loss` swaps in the dispatched one
     _loss_fn = staticmethod(logit_norm_loss)
 
-    def __init__(self, t=1.0, reduction="mean", *, cost_matrix=None, ignore_index=None):
+    def __init__(self, t=1.0, reduction="mean", *, cost_matrix=None, ignore_index=None, process_group=None):
         """
         :param t: temperature ``t``
         :param reduction: ``'mean'``, ``'sum'`` or ``'none'``
         :param cost_matrix: optional ``(C, C)`` confusion costs
         :param ignore_index: optional label whose rows are left out
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` normalises by the counts of the
+            whole group's batch (README, "Distributed training")
         """
         super().__init__()
         self.t = t
         self.reduction = reduction
-        _init_options(self, cost_matrix, ignore_index)
+        _init_options(self, cost_matrix, ignore_index, process_group)
 
     def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         """
@@ -1318,6 +1419,7 @@ class LogitNorm(nn.Module):
             weight=weight,
             cost_matrix=self.cost_matrix,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
         )
 
 

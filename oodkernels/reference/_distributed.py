@@ -1,0 +1,78 @@
+"""Global normalisers across the ranks of a process group: the ``process_group=`` option of the criteria.
+
+Under ``DistributedDataParallel`` each rank sees a shard of the batch, and a criterion whose ``'mean'``
+divides by a count of its own shard (``N_ID``, ``N_valid``, the two group sizes) is not the loss of the
+whole batch: the ranks' counts differ (always, with outlier exposure and segmentation), DDP averages the
+gradients with equal weights, and a rank without OOD rows weights the others' OOD terms wrongly.
+
+Given a group of ``W`` ranks, the counts are summed over the group (one all-reduce of a small device
+tensor per call: no host read, traceable by ``torch.compile``) and every rank returns
+
+    L_rank = W · Σ_local terms / N_global
+
+for each normalised term. Then ``(1/W)·Σ_ranks ∇L_rank = ∇(Σ_all terms / N_global)``: DDP's gradient
+average is the gradient of the whole-batch loss, and the mean of the ranks' values is the whole-batch
+loss. An empty group keeps its convention (an attached 0, or NaN where PyTorch divides by 0), decided
+by the global count. ``process_group=None`` is today's per-rank loss (pytorch-ood's values).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+PROCESS_GROUP_EXPECTED = (
+    "expected None or a torch.distributed.ProcessGroup (torch.distributed.group.WORLD after "
+    "init_process_group, or a group from torch.distributed.new_group)"
+)
+
+
+def check_process_group(process_group, name: str = "process_group") -> None:
+    """Raise a clear error unless ``process_group`` is None or a process group this rank belongs to."""
+    if process_group is None or torch.compiler.is_compiling():
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError(f"{name}: this build of torch has no torch.distributed; pass process_group=None")
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"{name}: this rank is not a member of the group (new_group returned the non-member "
+            "placeholder); pass the group only on its member ranks, or process_group=None"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"{name}: {PROCESS_GROUP_EXPECTED}, got {type(process_group).__name__}")
+    if not dist.is_initialized():
+        raise RuntimeError(f"{name}: torch.distributed is not initialised; call init_process_group first")
+
+
+class GlobalCounts:
+    """One call's normalising counts, summed over ``process_group`` with one all-reduce, and the factor ``W``.
+
+    :param counts: 1-D tensor of this rank's counts (any numeric dtype, on the loss's device)
+    :param process_group: None (the counts stay local, no factor) or the group to sum them over
+    """
+
+    def __init__(self, counts: Tensor, process_group=None):
+        check_process_group(process_group)
+        self.scale: Optional[float] = None
+        self.counts = counts
+        if process_group is not None:
+            import torch.distributed as dist
+            from torch.distributed import _functional_collectives as collectives
+
+            # float64: exact for any realistic count, and a dtype every backend (gloo, NCCL) reduces
+            self.counts = collectives.all_reduce(counts.to(torch.float64), "sum", process_group)
+            self.scale = float(dist.get_world_size(process_group))
+
+    def mean(self, total: Tensor, *which: int, empty_is_nan: bool = False) -> Tensor:
+        """``W · total / N`` with ``N`` the sum of the counts ``which``: clamped to at least 1 (an empty group
+        gives an attached 0), or unclamped with ``empty_is_nan`` (PyTorch's NaN for an empty mean)."""
+        count = self.counts[which[0]]
+        for i in which[1:]:
+            count = count + self.counts[i]
+        count = count.to(total.dtype)
+        mean = total / (count if empty_is_nan else count.clamp(min=1))
+        return mean if self.scale is None else mean * self.scale
