@@ -199,7 +199,14 @@ def _per_row(kind, kernel_kind, alpha, logits, targets, reduction, m_in, m_out, 
 
 
 def cross_entropy(
-    logits, targets, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None, warn_ood=False,
+    logits,
+    targets,
+    reduction="mean",
+    *,
+    weight=None,
+    cost_matrix=None,
+    ignore_index=None,
+    warn_ood=False,
     process_group=None,
 ):
     return _fused(
@@ -216,13 +223,26 @@ def cross_entropy(
 
 
 def background_class_loss(
-    logits, targets, n_classes, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    logits,
+    targets,
+    n_classes,
+    reduction="mean",
+    *,
+    weight=None,
+    cost_matrix=None,
+    ignore_index=None,
     process_group=None,
 ):
     if isinstance(logits, Tensor) and logits.dim() == 1 and isinstance(targets, Tensor) and targets.dim() == 0:
         # unbatched input, as torch's cross-entropy accepts it: the same handling as the reference
         return _ref.background_class_loss(
-            logits, targets, n_classes, reduction, weight=weight, cost_matrix=cost_matrix, ignore_index=ignore_index,
+            logits,
+            targets,
+            n_classes,
+            reduction,
+            weight=weight,
+            cost_matrix=cost_matrix,
+            ignore_index=ignore_index,
             process_group=process_group,
         )
     return _fused(
@@ -239,7 +259,14 @@ def background_class_loss(
 
 
 def outlier_exposure_loss(
-    logits, targets, alpha=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    logits,
+    targets,
+    alpha=0.5,
+    reduction="mean",
+    *,
+    weight=None,
+    cost_matrix=None,
+    ignore_index=None,
     process_group=None,
 ):
     return _fused(
@@ -301,7 +328,14 @@ def energy_regularized_loss(
 
 
 def confidence_penalty_loss(
-    logits, targets, lambda_ood=0.1, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    logits,
+    targets,
+    lambda_ood=0.1,
+    reduction="mean",
+    *,
+    weight=None,
+    cost_matrix=None,
+    ignore_index=None,
     process_group=None,
 ):
     return _fused(
@@ -318,7 +352,14 @@ def confidence_penalty_loss(
 
 
 def margin_confidence_loss(
-    logits, targets, margin=0.5, reduction="mean", *, weight=None, cost_matrix=None, ignore_index=None,
+    logits,
+    targets,
+    margin=0.5,
+    reduction="mean",
+    *,
+    weight=None,
+    cost_matrix=None,
+    ignore_index=None,
     process_group=None,
 ):
     return _fused(
@@ -419,28 +460,35 @@ def ce_and_energy(logits, targets, class_weight=None, uniform_ood=False):
     return values, energy
 
 
-def confidence_loss(logits, confidence, targets, alpha=1.0, eps=1e-24):
-    return _ref_confidence._confidence_loss(logits, confidence, targets, alpha, eps, "targets", ce_and_energy)
+def confidence_loss(logits, confidence, targets, alpha=1.0, eps=1e-24, *, process_group=None):
+    return _ref_confidence._confidence_loss(
+        logits, confidence, targets, alpha, eps, "targets", ce_and_energy, process_group
+    )
 
 
-def objectosphere_loss(logits, features, targets, alpha=1.0, xi=1.0, reduction="mean"):
+def objectosphere_loss(logits, features, targets, alpha=1.0, xi=1.0, reduction="mean", *, process_group=None):
     return _ref_objectosphere._objectosphere_loss(
-        logits, features, targets, alpha, xi, reduction, "targets", ce_and_energy
+        logits, features, targets, alpha, xi, reduction, "targets", ce_and_energy, process_group
     )
 
 
-def vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha=0.1, reduction="mean"):
+def vos_reg_loss(
+    logits, targets, logistic_regression, weights_energy, alpha=0.1, reduction="mean", *, process_group=None
+):
     return _ref_vos._vos_reg_loss(
-        logits, targets, logistic_regression, weights_energy, alpha, reduction, "targets", ce_and_energy
+        logits, targets, logistic_regression, weights_energy, alpha, reduction, "targets", ce_and_energy,
+        process_group,
+    )  # fmt: skip
+
+
+def paired_outlier_exposure(logits_in, targets_in, logits_out, lambda_oe=0.5, *, process_group=None):
+    return _ref_paired._outlier_exposure(logits_in, targets_in, logits_out, lambda_oe, ce_and_energy, process_group)
+
+
+def paired_energy_margin(logits_in, targets_in, logits_out, lambda_energy=0.1, margin=10.0, *, process_group=None):
+    return _ref_paired._energy_margin(
+        logits_in, targets_in, logits_out, lambda_energy, margin, ce_and_energy, process_group
     )
-
-
-def paired_outlier_exposure(logits_in, targets_in, logits_out, lambda_oe=0.5):
-    return _ref_paired._outlier_exposure(logits_in, targets_in, logits_out, lambda_oe, ce_and_energy)
-
-
-def paired_energy_margin(logits_in, targets_in, logits_out, lambda_energy=0.1, margin=10.0):
-    return _ref_paired._energy_margin(logits_in, targets_in, logits_out, lambda_energy, margin, ce_and_energy)
 
 
 #: dispatched operation name -> fused implementation

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import config
+from ._distributed import GlobalCounts
 
 DROP_UNKNOWN_MESSAGE = "Discarding samples with targets < 0 (OOD), which this loss does not use."
 
@@ -101,8 +102,14 @@ def check_reduction(reduction, allowed: Sequence = REDUCTIONS) -> None:
         raise ValueError
 
 
-def apply_reduction(tensor: Tensor, reduction: Optional[str]) -> Tensor:
-    """``'mean'`` -> mean, ``'sum'`` -> sum, ``'none'``/``None`` -> unchanged, else bare ``ValueError``."""
+def apply_reduction(tensor: Tensor, reduction: Optional[str], process_group=None) -> Tensor:
+    """``'mean'`` -> mean, ``'sum'`` -> sum, ``'none'``/``None`` -> unchanged, else bare ``ValueError``.
+
+    With a ``process_group`` of ``W`` ranks, ``'mean'`` is ``W · Σ / N`` with ``N`` the number of entries
+    summed over the group (NaN when the whole group's batch is empty)."""
+    if reduction == "mean" and process_group is not None:
+        count = torch.full((1,), tensor.numel(), dtype=torch.float64, device=tensor.device)
+        return GlobalCounts(count, process_group).mean(tensor.sum(), 0, empty_is_nan=True)
     if reduction == "mean":
         return tensor.mean()
     if reduction == "sum":

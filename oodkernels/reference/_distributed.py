@@ -10,10 +10,21 @@ tensor per call: no host read, traceable by ``torch.compile``) and every rank re
 
     L_rank = W · Σ_local terms / N_global
 
-for each normalised term. Then ``(1/W)·Σ_ranks ∇L_rank = ∇(Σ_all terms / N_global)``: DDP's gradient
-average is the gradient of the whole-batch loss, and the mean of the ranks' values is the whole-batch
-loss. An empty group keeps its convention (an attached 0, or NaN where PyTorch divides by 0), decided
-by the global count. ``process_group=None`` is today's per-rank loss (pytorch-ood's values).
+for each normalised term (:class:`GlobalCounts`). Then ``(1/W)·Σ_ranks ∇L_rank = ∇(Σ_all terms /
+N_global)``: DDP's gradient average is the gradient of the whole-batch loss, and the mean of the ranks'
+values is the whole-batch loss. An empty group keeps its convention (an attached 0, or NaN where PyTorch
+divides by 0), decided by the global count. ``process_group=None`` is today's per-rank loss (pytorch-ood's
+values).
+
+A criterion that is a non-linear function ``ψ`` of its means (EnergyMarginLoss's penalties, the paired
+energy margin's hinge) needs the global means themselves: :class:`GlobalMeans` all-reduces the (detached)
+sums with the counts, in the same one all-reduce, and gives every rank
+
+    m_rank = (Σ_all x + W·(Σ_local x − sg(Σ_local x))) / N_global          (sg: stop-gradient)
+
+whose value is the whole-batch mean ``m`` on every rank and whose gradient is ``W·∇Σ_local x / N_global``.
+Every rank then returns the whole-batch loss ``ψ(m)``, and DDP's average of the gradients
+``ψ'(m)·W·∇Σ_local x / N_global`` is ``ψ'(m)·∇m``, the whole-batch gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +59,15 @@ def check_process_group(process_group, name: str = "process_group") -> None:
         raise RuntimeError(f"{name}: torch.distributed is not initialised; call init_process_group first")
 
 
+def all_reduce_sum(values: Tensor, process_group) -> Tensor:
+    """``values`` (1-D) summed over the group, in float64 (exact for any realistic count, and a dtype every
+    backend, gloo and NCCL, reduces): a functional collective, so ``torch.compile`` traces it and nothing
+    waits on the host."""
+    from torch.distributed import _functional_collectives as collectives
+
+    return collectives.all_reduce(values.to(torch.float64), "sum", process_group)
+
+
 class GlobalCounts:
     """One call's normalising counts, summed over ``process_group`` with one all-reduce, and the factor ``W``.
 
@@ -61,10 +81,8 @@ class GlobalCounts:
         self.counts = counts
         if process_group is not None:
             import torch.distributed as dist
-            from torch.distributed import _functional_collectives as collectives
 
-            # float64: exact for any realistic count, and a dtype every backend (gloo, NCCL) reduces
-            self.counts = collectives.all_reduce(counts.to(torch.float64), "sum", process_group)
+            self.counts = all_reduce_sum(counts, process_group)
             self.scale = float(dist.get_world_size(process_group))
 
     def mean(self, total: Tensor, *which: int, empty_is_nan: bool = False) -> Tensor:
@@ -76,3 +94,42 @@ class GlobalCounts:
         count = count.to(total.dtype)
         mean = total / (count if empty_is_nan else count.clamp(min=1))
         return mean if self.scale is None else mean * self.scale
+
+
+class GlobalMeans:
+    """Means for a criterion that is non-linear in them: the whole-batch mean on every rank, with the gradient
+    of ``W · Σ_local / N_global`` (module docstring). Sums and counts go in one all-reduce.
+
+    :param sums: 0-d differentiable sums ``Σ_local x`` (their dtype is the means')
+    :param counts: 0-d counts of this rank
+    :param process_group: None (local means ``Σ_local x / N_local``) or the group
+    """
+
+    def __init__(self, sums: list, counts: list, process_group=None):
+        check_process_group(process_group)
+        self.sums = sums
+        self.scale: Optional[float] = None
+        self.counts = counts
+        if process_group is not None:
+            import torch.distributed as dist
+
+            packed = torch.stack([t.detach().to(torch.float64) for t in [*sums, *counts]])
+            reduced = all_reduce_sum(packed, process_group)
+            self.global_sums = reduced[: len(sums)]
+            self.counts = reduced[len(sums) :]
+            self.scale = float(dist.get_world_size(process_group))
+
+    def count(self, which: int) -> Tensor:
+        """Count ``which``, summed over the group when there is one."""
+        return self.counts[which]
+
+    def mean(self, which: int, count: int, divisor: float = 1.0, empty_is_nan: bool = True) -> Tensor:
+        """Sum ``which`` over ``divisor`` times count ``count``: plain division (an empty group gives NaN), or
+        with the count clamped to at least 1 (an attached 0) unless ``empty_is_nan``."""
+        local = self.sums[which]
+        n = self.counts[count].to(local.dtype)
+        n = (n if empty_is_nan else n.clamp(min=1)) * divisor
+        if self.scale is None:
+            return local / n
+        total = self.global_sums[which].to(local.dtype)
+        return (total + self.scale * (local - local.detach())) / n

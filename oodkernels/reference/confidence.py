@@ -29,8 +29,10 @@ from ._common import check_logits_and_targets
 from ._common import check_same_device
 from ._common import check_targets
 from ._common import id_mask_with_warning
-from ._common import masked_mean
+from ._common import masked_sum
 from ._common import result_dtypes
+from ._distributed import GlobalCounts
+from ._distributed import check_process_group
 
 __all__ = ["ConfidenceLoss", "confidence_loss"]
 
@@ -43,6 +45,7 @@ def _confidence_loss(
     eps: float,
     targets_name: str,
     row_fn=None,
+    process_group=None,
 ) -> Tensor:
     """The criterion; ``row_fn`` computes the per-row ``(CE, energy)`` (default: the reference's
     :func:`~oodkernels.reference.logits.ce_and_energy`; the fused path passes its kernel)."""
@@ -70,13 +73,20 @@ def _confidence_loss(
     p_target = torch.exp(-row_fn(logits, targets)[0].to(acc))
     nll = -torch.log((c * p_target + (1.0 - c)).clamp(eps, 1.0))
     conf = -torch.log(c.clamp(eps, 1.0))
-    loss = masked_mean(nll, is_id) + alpha * masked_mean(conf, is_id)
+    counts = GlobalCounts(is_id.sum().reshape(1), process_group)
+    loss = counts.mean(masked_sum(nll, is_id), 0) + alpha * counts.mean(masked_sum(conf, is_id), 0)
     checks.flush()
     return loss.to(out)
 
 
 def confidence_loss(
-    logits: Tensor, confidence: Tensor, targets: Tensor, alpha: float = 1.0, eps: float = 1e-24
+    logits: Tensor,
+    confidence: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    eps: float = 1e-24,
+    *,
+    process_group=None,
 ) -> Tensor:
     """Confidence loss ``mean_I(−log clamp(c·p_y + 1 − c, ε, 1)) + α · mean_I(−log clamp(c, ε, 1))``.
 
@@ -85,9 +95,11 @@ def confidence_loss(
     :param targets: labels (B,); rows with ``y < 0`` are discarded with a warning
     :param alpha: weight α of the confidence penalty
     :param eps: clamp ε, applied in the compute dtype (so 1e-24 survives fp16 inputs)
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: both means divide by ``N_ID``
+        summed over the group and are multiplied by ``W`` (README, "Distributed training")
     :return: 0-d loss in the promoted dtype of ``logits`` and ``confidence``; an attached 0 without ID rows
     """
-    return _confidence_loss(logits, confidence, targets, alpha, eps, "targets")
+    return _confidence_loss(logits, confidence, targets, alpha, eps, "targets", process_group=process_group)
 
 
 class ConfidenceLoss(nn.Module):
@@ -111,14 +123,18 @@ class ConfidenceLoss(nn.Module):
         ),
     )
 
-    def __init__(self, alpha: float = 1.0, eps: float = 1e-24):
+    def __init__(self, alpha: float = 1.0, eps: float = 1e-24, *, process_group=None):
         """
         :param alpha: weight α of the confidence penalty
         :param eps: clamp ε for numerical stability
+        :param process_group: optional ``torch.distributed`` group: the means over ID rows divide by the
+            group's ``N_ID`` (README, "Distributed training")
         """
         super().__init__()
         self.alpha = alpha
         self.eps = eps
+        check_process_group(process_group)
+        self.process_group = process_group
 
     def forward(self, logits: Tensor, confidence: Tensor, target: Tensor) -> Tensor:
         """
@@ -127,7 +143,9 @@ class ConfidenceLoss(nn.Module):
         :param target: labels (B,); rows with ``y < 0`` are discarded with a warning
         :return: 0-d loss
         """
-        return _confidence_loss(logits, confidence, target, self.alpha, self.eps, "target", self._row_fn)
+        return _confidence_loss(
+            logits, confidence, target, self.alpha, self.eps, "target", self._row_fn, self.process_group
+        )
 
     #: per-row (CE, energy) of the logits; oodkernels.loss swaps in the dispatched (fused) one
     _row_fn = None

@@ -30,6 +30,9 @@ from ._common import check_floating
 from ._common import check_logits_and_targets
 from ._common import check_targets
 from ._common import result_dtypes
+from ._distributed import GlobalMeans
+from ._distributed import all_reduce_sum
+from ._distributed import check_process_group
 from .logits import ce_and_energy
 
 __all__ = ["EnergyMarginLoss"]
@@ -113,6 +116,8 @@ class EnergyMarginLoss(nn.Module):
         lr_lam: float = 1.0,
         penalty_mult: float = 1.5,
         constraint_tol: float = 0.0,
+        *,
+        process_group=None,
     ):
         super().__init__()
         values = {
@@ -131,6 +136,8 @@ class EnergyMarginLoss(nn.Module):
         }
         for name in _BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32))
+        check_process_group(process_group)
+        self.process_group = process_group
 
     #: per-row (CE, −lse) of the logits; oodkernels.loss swaps in the dispatched (fused) one
     _row_fn = None
@@ -149,8 +156,9 @@ class EnergyMarginLoss(nn.Module):
         check_targets("targets", targets)
         checks = DataChecks(logits, targets)
         is_id = targets >= 0
-        # the reference checks the groups before the shape
-        checks.raise_if(~(is_id.any() & (~is_id).any()), lambda: ValueError(BOTH_GROUPS_MESSAGE))
+        if self.process_group is None:
+            # the reference checks the groups before the shape (with a group: the whole batch's, below)
+            checks.raise_if(~(is_id.any() & (~is_id).any()), lambda: ValueError(BOTH_GROUPS_MESSAGE))
         if logits.dim() != 2:
             checks.flush()
             raise ValueError(f"Unsupported input shape: {logits.shape}")
@@ -167,13 +175,17 @@ class EnergyMarginLoss(nn.Module):
         phi = _call_phi(logistic_regression, torch.where(is_id, energy, energy - eta).unsqueeze(1))
         width = phi.shape[1]
         id_rows = is_id.unsqueeze(1)
+        sum_in = torch.where(id_rows, torch.sigmoid(phi), zero).sum()
+        sum_out = torch.where(id_rows, zero, torch.sigmoid(-phi)).sum()
+        sum_ce = torch.where(is_id, ce_rows, zero).sum()
+        # ψ is not linear in the means: with a process group they are the whole batch's (GlobalMeans)
+        means = GlobalMeans([sum_in, sum_out, sum_ce], [is_id.sum(), (~is_id).sum()], self.process_group)
+        if self.process_group is not None:
+            checks.raise_if(~((means.count(0) > 0) & (means.count(1) > 0)), lambda: ValueError(BOTH_GROUPS_MESSAGE))
         # plain count division: a missing group gives 0/0 = NaN when the data checks are off
-        n_id = is_id.sum().to(acc)
-        n_ood = (~is_id).sum().to(acc)
-        loss_in = torch.where(id_rows, torch.sigmoid(phi), zero).sum() / (n_id * width)
-        loss_out = torch.where(id_rows, zero, torch.sigmoid(-phi)).sum() / (n_ood * width)
-        ce = torch.where(is_id, ce_rows, zero)
-        loss_ce = ce.sum() / n_id
+        loss_in = means.mean(0, 0, width)
+        loss_out = means.mean(1, 1, width)
+        loss_ce = means.mean(2, 0)
 
         c1 = loss_in - self._buffer("false_alarm_cutoff", acc)
         c2 = loss_ce - self._buffer("ce_tol", acc) * self._buffer("full_train_loss", acc)
@@ -201,7 +213,9 @@ class EnergyMarginLoss(nn.Module):
             β  ← β·penalty_mult  if c1 > constraint_tol
             β₂ ← β₂·penalty_mult if c2 > constraint_tol
 
-        in this order (the λ updates use the old β). The sums stay on the device in float64.
+        in this order (the λ updates use the old β). The sums stay on the device in float64. With the
+        criterion's ``process_group``, the sums and counts are the group's (one all-reduce), so every rank
+        makes the same update from the whole loader (each rank iterating its own shard).
         """
         model.eval()
         device = self.lam.device
@@ -220,6 +234,10 @@ class EnergyMarginLoss(nn.Module):
             ce_sum += F.cross_entropy(rows, target, reduction="sum").to(torch.float64)
             ce_count += target.numel()
 
+        if self.process_group is not None:
+            counts = torch.tensor([sig_count, ce_count], dtype=torch.float64, device=device)
+            reduced = all_reduce_sum(torch.cat([torch.stack([sig_sum, ce_sum]), counts]), self.process_group)
+            sig_sum, ce_sum, sig_count, ce_count = reduced.unbind()
         c1 = (sig_sum / sig_count).to(self.lam.dtype) - self.false_alarm_cutoff
         c2 = (ce_sum / ce_count).to(self.lam2.dtype) - self.ce_tol * self.full_train_loss
         beta, beta2 = self.in_constraint_weight, self.ce_constraint_weight

@@ -862,9 +862,7 @@ def entropic_open_set_loss(
         are unaffected
     :return: 0-d for ``'mean'``/``'sum'``, else the targets' shape; in the dtype of ``logits``
     """
-    return _ce_or_uniform(
-        "entropic", logits, targets, 1.0, reduction, weight, cost_matrix, ignore_index, process_group
-    )
+    return _ce_or_uniform("entropic", logits, targets, 1.0, reduction, weight, cost_matrix, ignore_index, process_group)
 
 
 class EntropicOpenSetLoss(nn.Module):

@@ -32,6 +32,7 @@ from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
 from ._common import result_dtypes
+from ._distributed import check_process_group
 
 __all__ = ["ObjectosphereLoss", "objectosphere_loss", "objectosphere_score"]
 
@@ -45,6 +46,7 @@ def _objectosphere_loss(
     reduction: Optional[str],
     targets_name: str,
     row_fn=None,
+    process_group=None,
 ) -> Tensor:
     from .logits import ce_and_energy
 
@@ -77,7 +79,7 @@ def _objectosphere_loss(
     # vector_norm has gradient 0 at z = 0, so relu(ξ − ‖z‖)² has no NaN there
     norm = torch.linalg.vector_norm(z, ord=2, dim=1)
     magnitude = torch.where(is_id, (xi - norm).relu().pow(2), norm.pow(2))
-    loss = apply_reduction(entropic + alpha * magnitude, reduction)
+    loss = apply_reduction(entropic + alpha * magnitude, reduction, process_group)
     checks.flush()
     return loss.to(out)
 
@@ -89,6 +91,8 @@ def objectosphere_loss(
     alpha: float = 1.0,
     xi: float = 1.0,
     reduction: Optional[str] = "mean",
+    *,
+    process_group=None,
 ) -> Tensor:
     """Objectosphere loss ``ℓ_i = E_i + α · R_i`` (module docstring), reduced over all B rows.
 
@@ -98,9 +102,11 @@ def objectosphere_loss(
     :param alpha: weight α of the feature-magnitude term
     :param xi: minimum feature magnitude ξ of ID rows
     :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None`` (= ``'none'``)
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the
+        group's number of rows and multiplies by ``W`` (README, "Distributed training")
     :return: 0-d loss, or (B,) for ``'none'``/``None``, in the promoted dtype of logits and features
     """
-    return _objectosphere_loss(logits, features, targets, alpha, xi, reduction, "targets")
+    return _objectosphere_loss(logits, features, targets, alpha, xi, reduction, "targets", process_group=process_group)
 
 
 def objectosphere_score(logits: Tensor) -> Tensor:
@@ -136,13 +142,17 @@ class ObjectosphereLoss(nn.Module):
         ),
     )
 
-    def __init__(self, alpha: float = 1.0, xi: float = 1.0, reduction: Optional[str] = "mean"):
+    def __init__(self, alpha: float = 1.0, xi: float = 1.0, reduction: Optional[str] = "mean", *, process_group=None):
         """
         :param alpha: weight α of the feature-magnitude term
         :param xi: minimum feature magnitude ξ
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+        :param process_group: optional ``torch.distributed`` group: ``'mean'`` divides by the group's number
+            of rows (README, "Distributed training")
         """
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         self.alpha = alpha
         self.xi = xi
         self.reduction = reduction
@@ -155,7 +165,7 @@ class ObjectosphereLoss(nn.Module):
         :return: 0-d loss, or (B,) for ``'none'``/``None``
         """
         return _objectosphere_loss(
-            logits, features, target, self.alpha, self.xi, self.reduction, "target", self._row_fn
+            logits, features, target, self.alpha, self.xi, self.reduction, "target", self._row_fn, self.process_group
         )
 
     #: per-row (entropic term, energy) of the logits; oodkernels.loss swaps in the dispatched (fused) one

@@ -47,11 +47,12 @@ from ._common import check_logits_and_targets
 from ._common import check_reduction
 from ._common import check_same_device
 from ._common import id_mask_with_warning
-from ._common import masked_mean
 from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import select_id_rows
+from ._distributed import GlobalCounts
+from ._distributed import check_process_group
 
 __all__ = ["VOSRegLoss", "VirtualOutlierSynthesizingRegLoss", "vos_reg_loss"]
 
@@ -109,7 +110,17 @@ def _two_class_ce(logistic_regression, energies: Tensor, labels: Tensor) -> Tens
 # ----------------------------------------------------------------------------------------------
 
 
-def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, reduction, targets_name, row_fn=None):
+def _vos_reg_loss(
+    logits,
+    targets,
+    logistic_regression,
+    weights_energy,
+    alpha,
+    reduction,
+    targets_name,
+    row_fn=None,
+    process_group=None,
+):
     from .logits import ce_and_energy
 
     row_fn = ce_and_energy if row_fn is None else row_fn
@@ -128,11 +139,13 @@ def _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, r
     ce, energies = row_fn(logits, targets, weight)
     ce, energies = ce.to(acc), energies.to(acc)
     reg_ce = _two_class_ce(logistic_regression, energies, is_id.long())
-    # pooled mean over all N entries; the empty batch gives an attached 0
-    reg = masked_mean(reg_ce, torch.ones_like(is_id))
+    every = torch.ones_like(is_id)
+    counts = GlobalCounts(torch.stack([every.sum(), is_id.sum()]), process_group)
+    # pooled mean over all N entries (every reduction); the empty batch gives an attached 0
+    reg = counts.mean(masked_sum(reg_ce, every), 0)
 
     if reduction == "mean":
-        loss = masked_mean(ce, is_id)
+        loss = counts.mean(masked_sum(ce, is_id), 1)
     elif reduction == "sum":
         loss = ce.sum()
     else:
@@ -149,6 +162,8 @@ def vos_reg_loss(
     weights_energy: nn.Module,
     alpha: float = 0.1,
     reduction: Optional[str] = "mean",
+    *,
+    process_group=None,
 ) -> Tensor:
     """VOS energy regulariser on real outliers (LOSS_CONTRACT.md §3.6)::
 
@@ -165,9 +180,21 @@ def vos_reg_loss(
         ``torch.nn.Linear(C, 1)``; its bias is unused
     :param alpha: weight α of the regulariser
     :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: the regulariser's mean (every
+        reduction) and the ``'mean'`` over ID entries divide by the group's counts and are multiplied by ``W``
+        (README, "Distributed training")
     :return: 0-d, or the shape of ``targets`` for ``'none'``/``None``; dtype of ``logits``
     """
-    return _vos_reg_loss(logits, targets, logistic_regression, weights_energy, alpha, reduction, "targets")
+    return _vos_reg_loss(
+        logits,
+        targets,
+        logistic_regression,
+        weights_energy,
+        alpha,
+        reduction,
+        "targets",
+        process_group=process_group,
+    )
 
 
 class VOSRegLoss(nn.Module):
@@ -192,17 +219,31 @@ class VOSRegLoss(nn.Module):
         weights_energy: nn.Linear,
         alpha: float = 0.1,
         reduction: str = "mean",
+        *,
+        process_group=None,
     ):
+        """``process_group``: optional ``torch.distributed`` group; the means divide by the group's counts
+        (:func:`vos_reg_loss`, README "Distributed training")."""
         super().__init__()
         self.logistic_regression = logistic_regression
         self.weights_energy = weights_energy
         self.alpha = alpha
         self.reduction = reduction
+        check_process_group(process_group)
+        self.process_group = process_group
 
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
         """:param logits: (B, C) or (B, C, H, W); :param y: (B,) or (B, H, W), ``< 0`` = OOD."""
         return _vos_reg_loss(
-            logits, y, self.logistic_regression, self.weights_energy, self.alpha, self.reduction, "y", self._row_fn
+            logits,
+            y,
+            self.logistic_regression,
+            self.weights_energy,
+            self.alpha,
+            self.reduction,
+            "y",
+            self._row_fn,
+            self.process_group,
         )
 
     #: per-row (CE, weighted energy); oodkernels.loss swaps in the dispatched (fused) one
@@ -352,8 +393,14 @@ class VirtualOutlierSynthesizingRegLoss(VOSRegLoss):
         sample_number: int = 1000,
         select: int = 1,
         sample_from: int = 10000,
+        *,
+        process_group=None,
     ) -> None:
-        super().__init__(logistic_regression, weights_energy, alpha=alpha, reduction=reduction)
+        """``process_group``: optional ``torch.distributed`` group; the ID mean and the regulariser's mean
+        divide by the group's counts. The class queues stay per rank (README, "Distributed training")."""
+        super().__init__(
+            logistic_regression, weights_energy, alpha=alpha, reduction=reduction, process_group=process_group
+        )
         self.num_classes = fc.out_features
         self.num_input_last_layer = fc.in_features
         self.fc = fc
@@ -432,15 +479,18 @@ class VirtualOutlierSynthesizingRegLoss(VOSRegLoss):
             energies = torch.cat([batch_energies.to(acc), virtual_energies.to(acc)])
             labels = torch.cat([torch.ones_like(y), torch.zeros(virtual.shape[0], dtype=y.dtype, device=y.device)])
             used = torch.cat([is_id, torch.ones(virtual.shape[0], dtype=torch.bool, device=y.device)])
-            reg = masked_mean(_two_class_ce(self.logistic_regression, energies, labels), used)
-            reg = torch.where(was_full & any_id, reg, zero)
+            reg_sum = masked_sum(_two_class_ce(self.logistic_regression, energies, labels), used)
+            # a rank whose regulariser is off (queues not full, no ID row) adds nothing to the group's count
+            n_used = torch.where(was_full & any_id, used.sum(), torch.zeros_like(used.sum()))
         else:
-            reg = zero
+            reg_sum, n_used = zero, torch.zeros((), dtype=torch.long, device=logits.device)
+        counts = GlobalCounts(torch.stack([n_used, is_id.sum()]), self.process_group)
+        reg = torch.where(was_full & any_id, counts.mean(reg_sum, 0), zero) if draw else zero
         # a batch without ID rows returns features.sum() · 0, so the features get exact zero gradients
         attach = torch.where(any_id, zero, features.to(acc).sum() * 0)
 
         if reduction == "mean":
-            result = masked_mean(ce, is_id) + self.alpha * reg + attach
+            result = counts.mean(masked_sum(ce, is_id), 1) + self.alpha * reg + attach
         elif reduction == "sum":
             result = masked_sum(ce, is_id) + self.alpha * reg + attach
         else:
