@@ -157,14 +157,34 @@ def _paired(name: str, **kwargs):
     return make
 
 
-def _center(process_group, module=None):
-    import oodkernels.loss as L
+def _centers(name: str, n_embedding: int = N_EMBEDDING, **kwargs):
+    """A center criterion (float64 centers) on the embeddings of a linear layer: ``criterion(distance(z), y)``,
+    or ``criterion(z, y)`` for the one-center ones (DeepSVDD, DeepSAD)."""
 
-    module = module or L
-    _seeded(6)
-    criterion = module.CenterLoss(N_CLASSES, N_EMBEDDING).double()
-    model = Classifier(criterion, _linear(N_EMBEDDING), None)
-    model.call = lambda m, z, y: m.criterion(m.criterion.distance(z), y)
+    def make(process_group, module=None):
+        import oodkernels.loss as L
+
+        module = module or L
+        _seeded(6)
+        criterion = getattr(module, name)(**kwargs, process_group=process_group).double()
+        model = Classifier(criterion, _linear(n_embedding), None)
+        if hasattr(criterion, "distance") and name not in ("DeepSVDDLoss", "DeepSADLoss"):
+            model.call = lambda m, z, y: m.criterion(m.criterion.distance(z), y)
+        return model
+
+    return make
+
+
+def _one_call_mchad(process_group, module=None):
+    """``functional.mchad_loss(features, centers, targets)``: the one-call form, centers as a parameter."""
+    import oodkernels.functional as F
+    import oodkernels.reference as R
+
+    fn = R.distances.mchad_loss if module is not None else F.mchad_loss
+    model = Classifier(None, _linear(N_EMBEDDING), None)
+    _seeded(7)
+    model.centers = nn.Parameter(torch.randn(N_CLASSES, N_EMBEDDING, dtype=torch.float64))
+    model.call = lambda m, z, y: fn(z, m.centers, y, margin=2.0, process_group=process_group)
     return model
 
 
@@ -194,8 +214,18 @@ CASES = {
     "EnergyMarginLoss": Case("EnergyMarginLoss", _energy_margin),
     "paired.outlier_exposure": Case("paired.outlier_exposure", _paired("outlier_exposure")),
     "paired.energy_margin": Case("paired.energy_margin", _paired("energy_margin", margin=1.0)),
-    # the centers are parameters: DDP averages their gradients (no process_group: the loss is per rank)
-    "CenterLoss": Case("CenterLoss", _center, whole_batch=False),
+    "CenterLoss": Case("CenterLoss", _centers("CenterLoss", n_classes=N_CLASSES, n_dim=N_EMBEDDING)),
+    "CACLoss": Case("CACLoss", _centers("CACLoss", N_CLASSES, n_classes=N_CLASSES)),
+    "MCHADLoss": Case("MCHADLoss", _centers("MCHADLoss", n_classes=N_CLASSES, n_dim=N_EMBEDDING, margin=2.0)),
+    "DeepSVDDLoss": Case("DeepSVDDLoss", _centers("DeepSVDDLoss", n_dim=N_EMBEDDING)),
+    "DeepSADLoss": Case("DeepSADLoss", _centers("DeepSADLoss", n_dim=N_EMBEDDING)),
+    "functional.mchad_loss": Case("functional.mchad_loss", _one_call_mchad),
+    # without a group the centers are still parameters: DDP averages their gradients over the per-rank losses
+    "CenterLoss-without-group": Case(
+        "CenterLoss-without-group",
+        _centers("CenterLoss", n_classes=N_CLASSES, n_dim=N_EMBEDDING),
+        whole_batch=False,
+    ),
 }
 
 #: the cases the Triton kernels run (in the interpreter on a CPU: the row criteria only, in the world of 2)

@@ -32,9 +32,9 @@ from ..reference import centers as _ref_centers
 from ..reference import distances as _ref
 from ..reference._common import DataChecks
 from ..reference._common import id_mask_with_warning
-from ..reference._common import masked_mean
 from ..reference._common import masked_sum
 from ..reference._common import result_dtypes
+from ..reference._distributed import GlobalCounts
 from . import center_ops  # noqa: F401  (registers the custom ops)
 from .center_ops import launch_args
 
@@ -74,55 +74,61 @@ def _values(x, centers, targets, margin, kind, params):
 # ----------------------------------------------------------------------------------------------
 
 
-def _cac_from(x, centers, targets, alpha, n_cols, checks_on, targets_name):
+def _cac_from(x, centers, targets, alpha, n_cols, checks_on, targets_name, process_group=None):
     out, _ = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
     checks.check_labels_below(targets, n_cols, targets_name)
     values = _values(x, centers, targets, None, codes.CAC, (alpha, 0.0, 0.0, 0.0))
-    loss = masked_mean(values, is_id)
+    loss = GlobalCounts(is_id.sum().reshape(1), process_group).mean(masked_sum(values, is_id), 0)
     checks.flush()
     return loss.to(out)
 
 
-def _center_from(x, centers, targets, radius, n_cols, checks_on):
+def _center_from(x, centers, targets, radius, n_cols, checks_on, process_group=None):
     out, _ = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
     values = _values(x, centers, targets, None, codes.CENTER, (radius, 0.0, 0.0, 0.0))
-    loss = masked_mean(values, is_id) / max(n_cols, 1)
+    counts = GlobalCounts(is_id.sum().reshape(1), process_group)
+    loss = counts.mean(masked_sum(values, is_id), 0) / max(n_cols, 1)
     checks.flush()
     return loss.to(out)
 
 
-def _mchad_from(x, centers, targets, radius, margin, w_c, w_n, w_o, n_cols, checks_on, targets_name):
+def _mchad_from(x, centers, targets, radius, margin, w_c, w_n, w_o, n_cols, checks_on, targets_name,
+                process_group=None):  # fmt: skip
     out, acc = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     checks.check_labels_below(targets, n_cols, targets_name)  # MCHAD never warns
     is_id = targets >= 0
     m = _margin_tensor(margin, x, acc)
     values = _values(x, centers, targets, m, codes.MCHAD, (radius, w_c, w_n, w_o))
-    loss = masked_mean(values, is_id) + masked_sum(values, ~is_id)
+    # the ID rows' terms are means, the OOD rows' a sum (pytorch-ood's): W·Σ_local with a group
+    counts = GlobalCounts(is_id.sum().reshape(1), process_group)
+    loss = counts.mean(masked_sum(values, is_id), 0) + counts.sum(masked_sum(values, ~is_id))
     checks.flush()
     return loss.reshape(()).to(out)
 
 
 def cac_distance_loss(
-    distances, targets, alpha=1.0, *, n_classes=None, distances_name="distances", targets_name="targets"
-):
+    distances, targets, alpha=1.0, *, n_classes=None, distances_name="distances", targets_name="targets",
+    process_group=None,
+):  # fmt: skip
     _ref._check_distance_input(distances, targets, n_classes, distances_name, targets_name)
     if targets.dim() != 1:
         id_mask_with_warning(targets, DataChecks())  # the reference's ValueError
-    return _cac_from(distances, None, targets, alpha, distances.shape[1], distances, targets_name)
+    return _cac_from(distances, None, targets, alpha, distances.shape[1], distances, targets_name, process_group)
 
 
 def center_distance_loss(
-    distances, targets, radius=0.0, *, n_classes=None, distances_name="distances", targets_name="targets"
-):
+    distances, targets, radius=0.0, *, n_classes=None, distances_name="distances", targets_name="targets",
+    process_group=None,
+):  # fmt: skip
     _ref._check_distance_input(distances, targets, n_classes, distances_name, targets_name)
     if targets.dim() != 1:
         id_mask_with_warning(targets, DataChecks())
-    return _center_from(distances, None, targets, radius, distances.shape[1], distances)
+    return _center_from(distances, None, targets, radius, distances.shape[1], distances, process_group)
 
 
 def mchad_distance_loss(
@@ -137,11 +143,12 @@ def mchad_distance_loss(
     n_classes=None,
     distances_name="distances",
     targets_name="targets",
+    process_group=None,
 ):
     _ref._check_distance_input(distances, targets, n_classes, distances_name, targets_name, one_dim_targets_error=True)
     return _mchad_from(
         distances, None, targets, radius, margin, weight_center, weight_nll, weight_oe, distances.shape[1],
-        distances, targets_name,
+        distances, targets_name, process_group,
     )  # fmt: skip
 
 
@@ -159,21 +166,24 @@ def _check_one_call(features, centers, targets, centers_name="centers", one_dim_
         id_mask_with_warning(targets, DataChecks())
 
 
-def center_loss(features, centers, targets, radius=0.0):
+def center_loss(features, centers, targets, radius=0.0, *, process_group=None):
     _check_one_call(features, centers, targets)
-    return _center_from(features, centers, targets, radius, centers.shape[0], features)
+    return _center_from(features, centers, targets, radius, centers.shape[0], features, process_group)
 
 
-def cac_loss(features, anchors, targets, alpha=1.0):
+def cac_loss(features, anchors, targets, alpha=1.0, *, process_group=None):
     _check_one_call(features, anchors, targets, centers_name="anchors")
-    return _cac_from(features, anchors, targets, alpha, anchors.shape[0], features, "targets")
+    return _cac_from(features, anchors, targets, alpha, anchors.shape[0], features, "targets", process_group)
 
 
-def mchad_loss(features, centers, targets, radius=0.0, margin=0.0, weight_center=1.0, weight_nll=1.0, weight_oe=1.0):
+def mchad_loss(
+    features, centers, targets, radius=0.0, margin=0.0, weight_center=1.0, weight_nll=1.0, weight_oe=1.0, *,
+    process_group=None,
+):  # fmt: skip
     _check_one_call(features, centers, targets, one_dim_targets_error=True)
     return _mchad_from(
         features, centers, targets, radius, margin, weight_center, weight_nll, weight_oe, centers.shape[0],
-        features, "targets",
+        features, "targets", process_group,
     )  # fmt: skip
 
 

@@ -95,6 +95,11 @@ class GlobalCounts:
         mean = total / (count if empty_is_nan else count.clamp(min=1))
         return mean if self.scale is None else mean * self.scale
 
+    def sum(self, total: Tensor) -> Tensor:
+        """A summed term: ``W · total`` (each rank's sum counts ``W`` times, so DDP's average is the whole
+        batch's sum), ``total`` itself without a group."""
+        return total if self.scale is None else total * self.scale
+
 
 class GlobalMeans:
     """Means for a criterion that is non-linear in them: the whole-batch mean on every rank, with the gradient

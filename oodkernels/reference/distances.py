@@ -40,6 +40,8 @@ from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import row_cross_entropy
 from ._common import select_id_rows
+from ._distributed import GlobalCounts
+from ._distributed import check_process_group
 from .centers import ClassCenters
 from .centers import RunningCenters
 from .centers import class_means
@@ -131,6 +133,7 @@ def _cac(
     n_classes: Optional[int],
     distances_name: str,
     targets_name: str,
+    process_group=None,
 ) -> Tensor:
     _check_distance_input(distances, targets, n_classes, distances_name, targets_name)
     out, acc = result_dtypes(distances)
@@ -143,13 +146,14 @@ def _cac(
     # values in them from reaching the gradient.
     d = torch.where(is_id.unsqueeze(1), distances.to(acc), torch.zeros((), dtype=acc, device=distances.device))
     d_true = gather_target_logit(d, targets)  # NaN for labels >= C (checks off)
-    anchor = masked_mean(d_true, is_id)
+    counts = GlobalCounts(is_id.sum().reshape(1), process_group)
+    anchor = counts.mean(masked_sum(d_true, is_id), 0)
 
     cols = torch.arange(n_cols, device=distances.device)
     others = cols.unsqueeze(0) != targets.unsqueeze(1)  # fix a: every column except the target
     terms = torch.exp(torch.clamp(d_true.unsqueeze(1) - d, max=CAC_EXPONENT_MAX))
     tuplet_rows = torch.log1p(torch.where(others, terms, torch.zeros_like(terms)).sum(1))
-    tuplet = masked_mean(tuplet_rows, is_id)
+    tuplet = counts.mean(masked_sum(tuplet_rows, is_id), 0)
 
     loss = alpha * anchor + tuplet
     checks.flush()
@@ -164,6 +168,7 @@ def cac_distance_loss(
     n_classes: Optional[int] = None,
     distances_name: str = "distances",
     targets_name: str = "targets",
+    process_group=None,
 ) -> Tensor:
     """Class Anchor Clustering loss on squared distances to the anchors (with fix a).
 
@@ -181,9 +186,11 @@ def cac_distance_loss(
     :param alpha: weight of the anchor term
     :param n_classes: if given, the number of columns ``distances`` must have (the module's check)
     :param distances_name: name of ``distances`` in error messages (likewise ``targets_name``)
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: every mean over the ID rows
+        divides by the group's ``N_ID`` and is multiplied by ``W`` (README, "Distributed training")
     :return: 0-d loss in the dtype of ``distances``
     """
-    return _cac(distances, targets, alpha, n_classes, distances_name, targets_name)
+    return _cac(distances, targets, alpha, n_classes, distances_name, targets_name, process_group)
 
 
 def _cac_gamma(distance: Tensor) -> tuple[Tensor, torch.dtype]:
@@ -227,13 +234,17 @@ class CACLoss(nn.Module):
     _sq_distances_fn = staticmethod(sq_distances)
     _loss_fn = staticmethod(cac_distance_loss)
 
-    def __init__(self, n_classes: int, magnitude: float = 1.0, alpha: float = 1.0):
+    def __init__(self, n_classes: int, magnitude: float = 1.0, alpha: float = 1.0, *, process_group=None):
         """
         :param n_classes: number of classes C (the anchors live in C dimensions)
         :param magnitude: length of the anchors ``magnitude · e_c``
         :param alpha: weight of the anchor term
+        :param process_group: optional ``torch.distributed`` group: the means divide by the group's ``N_ID``
+            (README, "Distributed training")
         """
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         self.n_classes = n_classes
         self.magnitude = magnitude
         self.alpha = alpha
@@ -255,7 +266,13 @@ class CACLoss(nn.Module):
     def forward(self, distances: Tensor, target: Tensor) -> Tensor:
         """(B, C) squared distances, (B,) labels -> 0-d loss (see :func:`cac_distance_loss`)."""
         return self._loss_fn(
-            distances, target, self.alpha, n_classes=self.n_classes, distances_name="distances", targets_name="target"
+            distances,
+            target,
+            self.alpha,
+            n_classes=self.n_classes,
+            distances_name="distances",
+            targets_name="target",
+            process_group=self.process_group,
         )
 
     @staticmethod
@@ -284,8 +301,9 @@ class CACLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _center_term(d: Tensor, targets: Tensor, is_id: Tensor, radius: float) -> Tensor:
-    """Mean over the N_ID·C entries of ``clamp(relu(d − r)·[c = y], 1e-12, 1e12)``; ``d`` in compute dtype.
+def _center_term(d: Tensor, targets: Tensor, is_id: Tensor, radius: float, counts: GlobalCounts) -> Tensor:
+    """Mean over the N_ID·C entries of ``clamp(relu(d − r)·[c = y], 1e-12, 1e12)``; ``d`` in compute dtype;
+    ``counts`` holds ``N_ID`` (a process group's, or this call's).
 
     A label ``>= C`` has no target column, so its row contributes ``C·1e-12`` as in pytorch-ood.
     """
@@ -294,7 +312,7 @@ def _center_term(d: Tensor, targets: Tensor, is_id: Tensor, radius: float) -> Te
     onehot = cols.unsqueeze(0) == targets.unsqueeze(1)
     pulled = torch.where(onehot, torch.relu(d - radius), torch.zeros((), dtype=d.dtype, device=d.device))
     entries = torch.clamp(pulled, min=CENTER_CLAMP_MIN, max=CENTER_CLAMP_MAX)
-    return masked_mean(entries.sum(1), is_id) / max(n_cols, 1)
+    return counts.mean(masked_sum(entries.sum(1), is_id), 0) / max(n_cols, 1)
 
 
 def _center(
@@ -304,13 +322,14 @@ def _center(
     n_classes: Optional[int],
     distances_name: str,
     targets_name: str,
+    process_group=None,
 ) -> Tensor:
     _check_distance_input(distmat, targets, n_classes, distances_name, targets_name)
     out, acc = result_dtypes(distmat)
     checks = DataChecks(distmat, targets)
     is_id = id_mask_with_warning(targets, checks)
     d = torch.where(is_id.unsqueeze(1), distmat.to(acc), torch.zeros((), dtype=acc, device=distmat.device))
-    loss = _center_term(d, targets, is_id, radius)
+    loss = _center_term(d, targets, is_id, radius, GlobalCounts(is_id.sum().reshape(1), process_group))
     checks.flush()
     return loss.to(out)
 
@@ -323,6 +342,7 @@ def center_distance_loss(
     n_classes: Optional[int] = None,
     distances_name: str = "distances",
     targets_name: str = "targets",
+    process_group=None,
 ) -> Tensor:
     """Generalised center loss on squared distances, averaged over the N_ID·C entries (as pytorch-ood).
 
@@ -340,9 +360,11 @@ def center_distance_loss(
     :param radius: radius ``r``
     :param n_classes: if given, the number of columns ``distances`` must have (the module's check)
     :param distances_name: name of ``distances`` in error messages (likewise ``targets_name``)
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: every mean over the ID rows
+        divides by the group's ``N_ID`` and is multiplied by ``W`` (README, "Distributed training")
     :return: 0-d loss in the dtype of ``distances``
     """
-    return _center(distances, targets, radius, n_classes, distances_name, targets_name)
+    return _center(distances, targets, radius, n_classes, distances_name, targets_name, process_group)
 
 
 class CenterLoss(nn.Module):
@@ -371,15 +393,28 @@ class CenterLoss(nn.Module):
     _sq_distances_fn = staticmethod(sq_distances)
     _loss_fn = staticmethod(center_distance_loss)
 
-    def __init__(self, n_classes: int, n_dim: int, magnitude: float = 1.0, radius: float = 0.0, fixed: bool = False):
+    def __init__(
+        self,
+        n_classes: int,
+        n_dim: int,
+        magnitude: float = 1.0,
+        radius: float = 0.0,
+        fixed: bool = False,
+        *,
+        process_group=None,
+    ):
         """
         :param n_classes: number of classes C
         :param n_dim: dimension D of the space of the centers
         :param magnitude: scale of the identity initialisation (used only if C = D and ``fixed``)
         :param radius: radius r, subtracted from the squared distance
         :param fixed: whether the centers are frozen
+        :param process_group: optional ``torch.distributed`` group: the mean divides by the group's ``N_ID``
+            (README, "Distributed training")
         """
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         self.num_classes = n_classes
         self.feat_dim = n_dim
         self.magnitude = magnitude
@@ -409,7 +444,13 @@ class CenterLoss(nn.Module):
     def forward(self, distmat: Tensor, target: Tensor) -> Tensor:
         """(B, C) squared distances, (B,) labels -> 0-d loss (see :func:`center_distance_loss`)."""
         return self._loss_fn(
-            distmat, target, self.radius, n_classes=self.num_classes, distances_name="distmat", targets_name="target"
+            distmat,
+            target,
+            self.radius,
+            n_classes=self.num_classes,
+            distances_name="distmat",
+            targets_name="target",
+            process_group=self.process_group,
         )
 
 
@@ -554,6 +595,7 @@ def _mchad(
     n_classes: Optional[int],
     distances_name: str,
     targets_name: str,
+    process_group=None,
 ) -> Tensor:
     _check_distance_input(distmat, targets, n_classes, distances_name, targets_name, one_dim_targets_error=True)
     out, acc = result_dtypes(distmat)
@@ -566,14 +608,15 @@ def _mchad(
     d = distmat.to(acc)
 
     d_id = torch.where(is_id.unsqueeze(1), d, zero)
-    center = _center_term(d_id, targets, is_id, radius)
+    counts = GlobalCounts(is_id.sum().reshape(1), process_group)
+    center = _center_term(d_id, targets, is_id, radius, counts)
     nll_rows, _ = row_cross_entropy(-d_id, targets)  # CE(−d_i, y_i)
-    nll = masked_mean(nll_rows, is_id)
+    nll = counts.mean(masked_sum(nll_rows, is_id), 0)
 
     m = margin.to(device=distmat.device, dtype=acc) if isinstance(margin, Tensor) else margin
     d_ood = torch.where(is_ood.unsqueeze(1), d, zero)
     push_rows = torch.relu(m**2 - d_ood.pow(2)).sum(1)
-    push = masked_sum(push_rows, is_ood)
+    push = counts.sum(masked_sum(push_rows, is_ood))  # a sum (pytorch-ood's): W·Σ_local with a group
 
     loss = weight_center * center + weight_nll * nll + weight_oe * push
     checks.flush()
@@ -592,6 +635,7 @@ def mchad_distance_loss(
     n_classes: Optional[int] = None,
     distances_name: str = "distances",
     targets_name: str = "targets",
+    process_group=None,
 ) -> Tensor:
     """MCHAD loss on squared distances ``d`` (B, C), as pytorch-ood 0.4.0 implements it.
 
@@ -608,6 +652,8 @@ def mchad_distance_loss(
     :param targets: (B,) int64 labels; ``< 0`` marks OOD rows (used by Θ only)
     :param radius: radius r of the center term
     :param margin: margin m (a float or a 0-d/(1,) tensor, e.g. the module's parameter)
+    :param process_group: optional ``torch.distributed`` group of ``W`` ranks: Λ and Δ divide by the group's
+        ``N_ID`` and Θ (a sum) is counted ``W`` times, each times ``W`` (README, "Distributed training")
     :return: 0-d loss in the dtype of ``distances``
     """
     return _mchad(
@@ -621,6 +667,7 @@ def mchad_distance_loss(
         n_classes,
         distances_name,
         targets_name,
+        process_group,
     )
 
 
@@ -690,6 +737,8 @@ class MCHADLoss(nn.Module):
         weight_center: float = 1.0,
         weight_nll: float = 1.0,
         weight_oe: float = 1.0,
+        *,
+        process_group=None,
     ):
         """
         :param n_classes: number of classes C
@@ -699,8 +748,12 @@ class MCHADLoss(nn.Module):
         :param weight_center: weight of the center term Λ
         :param weight_nll: weight of the likelihood term Δ
         :param weight_oe: weight of the outlier term Θ
+        :param process_group: optional ``torch.distributed`` group: Λ and Δ divide by the group's ``N_ID``
+            (README, "Distributed training")
         """
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         self.center_loss = CenterLoss(n_classes=n_classes, n_dim=n_dim, radius=radius)
         self.nll_loss = CrossEntropyLoss(reduction="mean")
         self.regu_loss = CenterRegularizationLoss(margin=margin, reduction="sum")
@@ -731,6 +784,7 @@ class MCHADLoss(nn.Module):
             n_classes=self.center_loss.num_classes,
             distances_name="distmat",
             targets_name="y",
+            process_group=self.process_group,
         )
 
 
@@ -753,20 +807,24 @@ def check_features_and_centers(features, centers, features_name: str = "features
     check_same_device(**{features_name: features, centers_name: centers})
 
 
-def center_loss(features: Tensor, centers: Tensor, targets: Tensor, radius: float = 0.0) -> Tensor:
+def center_loss(
+    features: Tensor, centers: Tensor, targets: Tensor, radius: float = 0.0, *, process_group=None
+) -> Tensor:
     """:func:`center_distance_loss` of the squared distances of ``features`` (B, D) to ``centers`` (K, D).
 
     Equal to ``CenterLoss.forward(CenterLoss.distance(features), targets)`` with these centers; the result
     has the dtype of ``features``. Gradients reach ``features`` and (if they require it) ``centers``.
     """
     check_features_and_centers(features, centers)
-    return center_distance_loss(sq_distances(features, centers, out_dtype=features.dtype), targets, radius)
+    distances = sq_distances(features, centers, out_dtype=features.dtype)
+    return center_distance_loss(distances, targets, radius, process_group=process_group)
 
 
-def cac_loss(features: Tensor, anchors: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor:
+def cac_loss(features: Tensor, anchors: Tensor, targets: Tensor, alpha: float = 1.0, *, process_group=None) -> Tensor:
     """:func:`cac_distance_loss` of the squared distances of ``features`` (B, D) to ``anchors`` (K, D)."""
     check_features_and_centers(features, anchors, centers_name="anchors")
-    return cac_distance_loss(sq_distances(features, anchors, out_dtype=features.dtype), targets, alpha)
+    distances = sq_distances(features, anchors, out_dtype=features.dtype)
+    return cac_distance_loss(distances, targets, alpha, process_group=process_group)
 
 
 def mchad_loss(
@@ -778,8 +836,12 @@ def mchad_loss(
     weight_center: float = 1.0,
     weight_nll: float = 1.0,
     weight_oe: float = 1.0,
+    *,
+    process_group=None,
 ) -> Tensor:
     """:func:`mchad_distance_loss` of the squared distances of ``features`` (B, D) to ``centers`` (K, D)."""
     check_features_and_centers(features, centers)
     distances = sq_distances(features, centers, out_dtype=features.dtype)
-    return mchad_distance_loss(distances, targets, radius, margin, weight_center, weight_nll, weight_oe)
+    return mchad_distance_loss(
+        distances, targets, radius, margin, weight_center, weight_nll, weight_oe, process_group=process_group
+    )

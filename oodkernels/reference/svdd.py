@@ -40,10 +40,11 @@ from ._common import check_reduction
 from ._common import check_same_device
 from ._common import check_targets
 from ._common import id_mask_with_warning
-from ._common import masked_mean
 from ._common import masked_sum
 from ._common import result_dtypes
 from ._common import select_id_rows
+from ._distributed import GlobalCounts
+from ._distributed import check_process_group
 from .centers import ClassCenters
 from .centers import sq_distances
 
@@ -177,14 +178,20 @@ class DeepSVDDLoss(_OneCenterLoss):
         reduction: Optional[str] = "mean",
         radius: float = 0.0,
         center: Optional[Tensor] = None,
+        *,
+        process_group=None,
     ):
         """
         :param n_dim: dimensionality D of the feature space
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param radius: radius r of the hypersphere
         :param center: center μ of shape (D,); a random N(0, 1) vector if not given
+        :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the
+            group's ``N_ID`` and is multiplied by ``W`` (README, "Distributed training")
         """
         super().__init__(n_dim, center)
+        check_process_group(process_group)
+        self.process_group = process_group
         self.register_buffer("radius", torch.tensor(float(radius), dtype=torch.float32))
         self.reduction = reduction
 
@@ -217,7 +224,8 @@ class DeepSVDDLoss(_OneCenterLoss):
         ).relu()
 
         if self.reduction == "mean":
-            loss = masked_mean(rows, is_id)  # no ID row gives an attached 0 (Z(x))
+            # no ID row gives an attached 0 (Z(x))
+            loss = GlobalCounts(is_id.sum().reshape(1), self.process_group).mean(masked_sum(rows, is_id), 0)
         elif self.reduction == "sum":
             loss = masked_sum(rows, is_id)
         elif y is None:
@@ -293,6 +301,8 @@ class DeepSADLoss(_OneCenterLoss):
         eps: float = 1e-6,
         reduction: Optional[str] = "mean",
         center: Optional[Tensor] = None,
+        *,
+        process_group=None,
     ):
         """
         :param n_dim: dimensionality D of the feature space
@@ -300,8 +310,12 @@ class DeepSADLoss(_OneCenterLoss):
         :param eps: ε added to an outlier's squared distance before inverting it
         :param reduction: ``'mean'``, ``'sum'``, ``'none'`` or ``None``
         :param center: center μ of shape (D,); a random N(0, 1) vector if not given
+        :param process_group: optional ``torch.distributed`` group of ``W`` ranks: ``'mean'`` divides by the
+            group's number of rows and is multiplied by ``W`` (README, "Distributed training")
         """
         super().__init__(n_dim, center)
+        check_process_group(process_group)
+        self.process_group = process_group
         self.eta = eta
         self.eps = eps
         self.reduction = reduction
@@ -334,4 +348,4 @@ class DeepSADLoss(_OneCenterLoss):
         # cannot put 0 * inf into the gradient
         inverse = self.eta / torch.where(is_ood, d + self.eps, one)
         rows = torch.where(is_ood, inverse, d)
-        return apply_reduction(rows, self.reduction).to(out)
+        return apply_reduction(rows, self.reduction, self.process_group).to(out)
