@@ -157,7 +157,7 @@ def _paired(name: str, **kwargs):
     return make
 
 
-def _centers(name: str, n_embedding: int = N_EMBEDDING, **kwargs):
+def _centers(name: str, embedding_dim: int = N_EMBEDDING, **kwargs):
     """A center criterion (float64 centers) on the embeddings of a linear layer: ``criterion(distance(z), y)``,
     or ``criterion(z, y)`` for the one-center ones (DeepSVDD, DeepSAD)."""
 
@@ -167,8 +167,8 @@ def _centers(name: str, n_embedding: int = N_EMBEDDING, **kwargs):
         module = module or L
         _seeded(6)
         criterion = getattr(module, name)(**kwargs, process_group=process_group).double()
-        model = Classifier(criterion, _linear(n_embedding), None)
-        if hasattr(criterion, "distance") and name not in ("DeepSVDDLoss", "DeepSADLoss"):
+        model = Classifier(criterion, _linear(embedding_dim), None)
+        if hasattr(criterion, "distance") and name not in ("DeepSVDDLoss", "DeepSADLoss", "IILoss"):
             model.call = lambda m, z, y: m.criterion(m.criterion.distance(z), y)
         return model
 
@@ -220,6 +220,7 @@ CASES = {
     "DeepSVDDLoss": Case("DeepSVDDLoss", _centers("DeepSVDDLoss", n_dim=N_EMBEDDING)),
     "DeepSADLoss": Case("DeepSADLoss", _centers("DeepSADLoss", n_dim=N_EMBEDDING)),
     "functional.mchad_loss": Case("functional.mchad_loss", _one_call_mchad),
+    "IILoss": Case("IILoss", _centers("IILoss", n_classes=N_CLASSES, n_embedding=N_EMBEDDING)),
     # without a group the centers are still parameters: DDP averages their gradients over the per-rank losses
     "CenterLoss-without-group": Case(
         "CenterLoss-without-group",
@@ -307,7 +308,12 @@ def run_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
                 ddp = DistributedDataParallel(model, find_unused_parameters=True)
                 loss, grads = loss_and_grads(ddp, x, y)
                 local_loss = local_value(case.make(None), x, y)
-                results[(name, backend)] = {"loss": loss, "grads": grads, "local_loss": local_loss}
+                results[(name, backend)] = {
+                    "loss": loss,
+                    "grads": grads,
+                    "local_loss": local_loss,
+                    "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+                }
         # 'sum' is unaffected by the group; and the criterion compiles (the all-reduce traced, no graph break)
         os.environ["OODKERNELS_BACKEND"] = "cpp"
         import oodkernels.loss as L

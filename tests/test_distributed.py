@@ -100,9 +100,14 @@ def test_ddp_gradient_and_mean_loss_are_the_whole_batch_ones(world_results, worl
     if case.whole_batch:
         x = torch.cat([p[0] for p in parts])
         y = torch.cat([p[1] for p in parts])
-        expected_loss, expected = loss_and_grads(case.make(None, module=R), x, y)
+        whole = case.make(None, module=R)
+        expected_loss, expected = loss_and_grads(whole, x, y)
         losses = [ranks[r][(name, backend)]["loss"] for r in range(world)]
         _close(sum(losses) / world, expected_loss, f"{name}: mean of the ranks' losses vs the whole-batch loss")
+        # the criterion's state after the step (IILoss's running centers) is the whole batch's on every rank
+        for r in range(world):
+            for n, buffer in whole.named_buffers():
+                _close(ranks[r][(name, backend)]["buffers"][n], buffer, f"{name}: rank {r}'s buffer {n}")
     else:
         # per-rank losses; DDP averages the parameters' gradients (the centers' included) over the ranks
         local = [loss_and_grads(case.make(None, module=R), *parts[r]) for r in range(world)]

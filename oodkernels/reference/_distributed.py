@@ -59,6 +59,13 @@ def check_process_group(process_group, name: str = "process_group") -> None:
         raise RuntimeError(f"{name}: torch.distributed is not initialised; call init_process_group first")
 
 
+def group_size(process_group) -> float:
+    """``W``, the number of ranks of ``process_group``."""
+    import torch.distributed as dist
+
+    return float(dist.get_world_size(process_group))
+
+
 def all_reduce_sum(values: Tensor, process_group) -> Tensor:
     """``values`` (1-D) summed over the group, in float64 (exact for any realistic count, and a dtype every
     backend, gloo and NCCL, reduces): a functional collective, so ``torch.compile`` traces it and nothing
@@ -66,6 +73,15 @@ def all_reduce_sum(values: Tensor, process_group) -> Tensor:
     from torch.distributed import _functional_collectives as collectives
 
     return collectives.all_reduce(values.to(torch.float64), "sum", process_group)
+
+
+def differentiable_sum_over_group(values: Tensor, process_group) -> Tensor:
+    """``values`` summed over the group, with a backward that sums the incoming gradients over the group: for
+    quantities such as IILoss's class sums, whose global value feeds every rank's loss (the gradient of each
+    rank's sum is then the whole group's ``∂L/∂sum``). Two all-reduces per step, forward and backward."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(values, group=process_group)
 
 
 class GlobalCounts:
@@ -80,10 +96,8 @@ class GlobalCounts:
         self.scale: Optional[float] = None
         self.counts = counts
         if process_group is not None:
-            import torch.distributed as dist
-
             self.counts = all_reduce_sum(counts, process_group)
-            self.scale = float(dist.get_world_size(process_group))
+            self.scale = group_size(process_group)
 
     def mean(self, total: Tensor, *which: int, empty_is_nan: bool = False) -> Tensor:
         """``W · total / N`` with ``N`` the sum of the counts ``which``: clamped to at least 1 (an empty group
@@ -116,13 +130,11 @@ class GlobalMeans:
         self.scale: Optional[float] = None
         self.counts = counts
         if process_group is not None:
-            import torch.distributed as dist
-
             packed = torch.stack([t.detach().to(torch.float64) for t in [*sums, *counts]])
             reduced = all_reduce_sum(packed, process_group)
             self.global_sums = reduced[: len(sums)]
             self.counts = reduced[len(sums) :]
-            self.scale = float(dist.get_world_size(process_group))
+            self.scale = group_size(process_group)
 
     def count(self, which: int) -> Tensor:
         """Count ``which``, summed over the group when there is one."""

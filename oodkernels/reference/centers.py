@@ -22,6 +22,7 @@ from ._common import check_floating
 from ._common import check_same_device
 from ._common import check_targets
 from ._common import result_dtypes
+from ._distributed import differentiable_sum_over_group
 
 
 def sq_distances(x: Tensor, y: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -83,7 +84,12 @@ def pairwise_sq_distances(features: Tensor, centers: Tensor) -> Tensor:
 
 
 def class_means(
-    x: Tensor, targets: Tensor, n_classes: int, valid: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None
+    x: Tensor,
+    targets: Tensor,
+    n_classes: int,
+    valid: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """Per-class means of the rows of ``x`` on the device, without a Python loop over classes.
 
@@ -91,6 +97,9 @@ def class_means(
     :param targets: (N,) labels in ``[0, n_classes)`` where ``valid`` (other rows are ignored)
     :param valid: (N,) boolean mask of the rows to use; default all
     :param dtype: dtype of the sums (default ``x.dtype``)
+    :param process_group: optional ``torch.distributed`` group: the class sums and counts are summed over it
+        (one all-reduce, differentiable: its backward sums the gradients of the sums over the group too), so
+        every rank gets the means of the whole group's batch
     :return: ``(means (K, D), counts (K,))``; rows of absent classes are NaN, counts in ``dtype``.
         The NaN rows are selected, not computed as 0/0, so they send no NaN into the gradient.
     """
@@ -103,6 +112,9 @@ def class_means(
         xs = xs * weight.unsqueeze(1)
     sums = torch.zeros((n_classes, x.shape[1]), dtype=dtype, device=x.device).index_add(0, index, xs)
     counts = torch.zeros((n_classes,), dtype=dtype, device=x.device).index_add(0, index, weight)
+    if process_group is not None:
+        packed = differentiable_sum_over_group(torch.cat([sums.flatten(), counts]), process_group)
+        sums, counts = packed[: sums.numel()].reshape(sums.shape), packed[sums.numel() :]
     present = (counts > 0).unsqueeze(1)
     means = torch.where(present, sums / counts.clamp(min=1).unsqueeze(1), torch.full_like(sums, float("nan")))
     return means, counts

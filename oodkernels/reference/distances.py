@@ -42,6 +42,7 @@ from ._common import row_cross_entropy
 from ._common import select_id_rows
 from ._distributed import GlobalCounts
 from ._distributed import check_process_group
+from ._distributed import group_size
 from .centers import ClassCenters
 from .centers import RunningCenters
 from .centers import class_means
@@ -477,6 +478,10 @@ class IILoss(nn.Module):
       ``−α·1e24``), and the first such call of an instance warns (a data check).
     * OOD rows are discarded (with the drop-unknown warning); without ID rows the result is an
       attached 0 and the running centers are left alone.
+    * With a ``process_group`` of ``W`` ranks, μ are the class means of the whole group's batch (the class
+      sums and counts are all-reduced, differentiably), the running centers fold in those global means (the
+      same update on every rank), and each rank returns ``W·Σ_local ‖z_i − μ_{y_i}‖² / N_ID,global − α·sep(μ)``:
+      the mean of the ranks' values is the whole-batch loss, and DDP's average gradient is the whole batch's.
 
     ``distance(x)`` (B, C) squared distances to the running centers, ``predict(x)`` their softmin;
     the documented OOD score is ``distance(x).min(dim=1)``.
@@ -498,13 +503,17 @@ class IILoss(nn.Module):
     #: in the dispatched one
     _sq_distances_fn = staticmethod(sq_distances)
 
-    def __init__(self, n_classes: int, n_embedding: int, alpha: float = 1.0):
+    def __init__(self, n_classes: int, n_embedding: int, alpha: float = 1.0, *, process_group=None):
         """
         :param n_classes: number of classes C
         :param n_embedding: dimension D of the embeddings
         :param alpha: weight of the inter-class separation
+        :param process_group: optional ``torch.distributed`` group: the class means and ``N_ID`` are the
+            whole group batch's (README, "Distributed training")
         """
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         self.num_classes = n_classes
         self.running_centers = RunningCenters(n_classes=n_classes, n_embedding=n_embedding)
         self.alpha = alpha
@@ -552,7 +561,7 @@ class IILoss(nn.Module):
 
         # OOD rows are zeroed before anything reads them, so their gradient is exactly 0
         xs = torch.where(usable.unsqueeze(1), x.to(acc), zero)
-        means, counts = class_means(xs, target, n_classes, valid=usable, dtype=acc)
+        means, counts = class_means(xs, target, n_classes, valid=usable, dtype=acc, process_group=self.process_group)
         present = counts > 0
         if self.training:
             self.running_centers.update_from_means(means, present, advance=present.any())
@@ -563,7 +572,10 @@ class IILoss(nn.Module):
         index = target.long().clamp(0, max(n_classes - 1, 0))
         spread = (xs - mu.index_select(0, index)).pow(2).sum(1)
         spread = torch.where(is_id & ~usable, torch.full_like(spread, float("nan")), spread)
-        intra = masked_mean(spread, is_id)
+        if self.process_group is None:
+            intra = masked_mean(spread, is_id)
+        else:  # W·Σ_local / N_ID of the group (its class counts; rows with labels >= C are NaN here anyway)
+            intra = masked_sum(spread, is_id) / counts.sum().clamp(min=1) * group_size(self.process_group)
 
         n_present = present.sum()
         pairs = present.unsqueeze(0) & present.unsqueeze(1) & ~torch.eye(n_classes, dtype=torch.bool, device=x.device)
