@@ -5,6 +5,10 @@ Each function dispatches to the backend that serves its inputs' device (see
 the criterion of the same name in :mod:`oodkernels.loss` (LOSS_CONTRACT.md §3). Labels ``y >= 0``
 are ID, ``y < 0`` OOD. The docstring of each function states its math.
 
+Every loss whose mean divides by a count takes a keyword-only ``process_group=`` (None: this rank's counts,
+pytorch-ood's value; a ``torch.distributed`` group: the counts of the whole group's batch, for
+``DistributedDataParallel``; README, "Distributed training").
+
 =================================  ==========================================================
 ``cross_entropy``                  masked CE: 0 at OOD entries, 'mean' over ID entries
 ``background_class_loss``          CE with OOD entries mapped to the last (background) column

@@ -16,6 +16,10 @@ on CUDA tensors, and on CPU under ``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKE
 
 :func:`oodkernels.backend_info` reports what runs where.
 
+Every criterion whose mean divides by a count takes a keyword-only ``process_group=`` in its constructor:
+under ``DistributedDataParallel`` its normalisers are then the whole group batch's (README, "Distributed
+training"; :mod:`oodkernels.reference._distributed`).
+
 ``SSDeepSVDDLoss`` resolves to :class:`DeepSADLoss` with a DeprecationWarning, as in pytorch-ood.
 """
 
