@@ -14,6 +14,7 @@ rank's shard. The test process computes the single-process references from the s
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -283,6 +284,8 @@ def backends_of(case_name: str, world: int) -> list[str]:
 def run_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     """One spawned rank: every case on every backend, saved to ``out_file`` (``.rank<r>`` appended)."""
     os.environ["TRITON_INTERPRET"] = "1"
+    if sys.platform == "linux":  # gloo on the loopback: a sandboxed CI host's name may not resolve
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
 
     try:  # the interpreter's speed-up the test process installs (conftest.py)
