@@ -623,13 +623,14 @@ def test_module_options_signature_and_buffer(name):
     cls = type(make_module(name))
     params = inspect.signature(cls.__init__).parameters
     names = list(params)
-    assert names[-2:] == ["cost_matrix", "ignore_index"]
-    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY and params[n].default is None for n in names[-2:])
+    assert names[-3:] == ["cost_matrix", "ignore_index", "process_group"]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY and params[n].default is None for n in names[-3:])
     forward = inspect.signature(cls.forward).parameters
     assert list(forward)[-1] == "weight" and forward["weight"].default is None
     cost = torch.rand(C, C)
     module = make_module(name, cost_matrix=cost, ignore_index=VOID)
     assert module.ignore_index == VOID
+    assert module.process_group is None
     assert dict(module.state_dict()) == {}  # non-persistent: pytorch-ood's keys are kept
     assert [n for n, _ in module.named_buffers()] == ["cost_matrix"]
     assert module.cost_matrix is cost
@@ -657,12 +658,13 @@ def test_functional_options_are_keyword_only(name):
     }[name]
     params = inspect.signature(fn).parameters
     options = ["weight", "cost_matrix", "ignore_index"] + (["warn_ood"] if name == "cross_entropy" else [])
+    options.append("process_group")
     assert list(params)[-len(options) :] == options
     if name == "cross_entropy":
         assert params["warn_ood"].kind is inspect.Parameter.KEYWORD_ONLY and params["warn_ood"].default is False
-    for n in ("weight", "cost_matrix", "ignore_index"):
+    for n in ("weight", "cost_matrix", "ignore_index", "process_group"):
         assert params[n].kind is inspect.Parameter.KEYWORD_ONLY and params[n].default is None
-    for n in ("weight", "cost_matrix", "ignore_index"):
+    for n in ("weight", "cost_matrix", "ignore_index", "process_group"):
         assert f":param {n}:" in fn.__doc__
 
 
