@@ -16,7 +16,9 @@
 //
 // Each row then computes the criterion's term (forward: value and the stats [raw_y, S or lse(−d), T]) or
 // G = γ·∂ℓ/∂d masked by the clamp 1[raw >= 0] (backward), exactly as the Triton epilogues do; the backward
-// recomputes the raw row with the same chunking, so it sees bitwise the forward's distances.
+// recomputes the raw row with the same chunking, so it sees bitwise the forward's distances. The distance
+// op's backward reads the clamp mask from its saved output instead (d > 0 passes), and recomputes only the
+// chunks of rows that hold an exact 0, again with the forward's chunking.
 //
 // With `centers` absent, x is a (B, K) distance matrix (any float dtype, any strides): no clamp, and the
 // backward's G is the gradient of the distances themselves, in their dtype.
@@ -150,22 +152,33 @@ Tensor cpu_center_sq_distances(
     using acc_t = scalar_t;
     using Vec = at::vec::Vectorized<acc_t>;
     const Geometry<acc_t> g(x, centers, acc);
-    out = g.cross(0, g.B);  // the whole (B, K) output: one GEMM, then clamped in place
-    acc_t* O = out.mutable_data_ptr<acc_t>();
     const int64_t K = g.K;
-    at::parallel_for(0, g.B, grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* row = O + i * K;
-        g.raw_row(i, row);
-        at::vec::map([](Vec v) { return at::vec::maximum(v, Vec(acc_t(0))); }, row, row, K);
-      }
-    });
+    // one GEMM per chunk of rows (the backward recomputes a chunk with the same call: bitwise these values);
+    // one chunk (B·K up to CHUNK_ELEMENTS) is the whole output, clamped in place
+    const int64_t rows = chunk_rows(block_b, K);
+    out = rows >= g.B ? g.cross(0, g.B) : at::empty({g.B, K}, x.options().dtype(acc));
+    acc_t* O = out.mutable_data_ptr<acc_t>();
+    for (int64_t r0 = 0; r0 < g.B; r0 += rows) {
+      const int64_t n = std::min(rows, g.B - r0);
+      if (rows < g.B) out.narrow(0, r0, n).copy_(g.cross(r0, n));
+      at::parallel_for(r0, r0 + n, grain(K), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t* row = O + i * K;
+          g.raw_row(i, row);
+          at::vec::map([](Vec v) { return at::vec::maximum(v, Vec(acc_t(0))); }, row, row, K);
+        }
+      });
+    }
   });
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
 
+// G = grad·1[raw >= 0] from the forward's clamped distances: d > 0 passes; a chunk of rows holding an exact
+// d == 0 recomputes its raw rows with the forward's GEMM call (bitwise its values) to pass raw == 0 (as
+// torch.clamp(min=0) does) and stop raw < 0. Chunks without a zero run no GEMM.
 Tensor cpu_center_sq_distances_bwd(
     const Tensor& grad,
+    const Tensor& dist,
     const Tensor& x,
     const Tensor& centers,
     bool tf32,
@@ -184,24 +197,60 @@ Tensor cpu_center_sq_distances_bwd(
       ", ",
       K,
       ")");
+  TORCH_CHECK(
+      dist.dim() == 2 && dist.size(0) == B && dist.size(1) == K,
+      "oodkernels::cpu_center_sq_distances_bwd: dist has shape ",
+      dist.sizes(),
+      ", expected (",
+      B,
+      ", ",
+      K,
+      ")");
   if (B == 0 || K == 0) return at::empty({B, K}, x.options().dtype(acc));
-  Tensor out;
+  Tensor out = at::empty({B, K}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances_bwd", [&] {
     using acc_t = scalar_t;
-    const Geometry<acc_t> g(x, centers, acc);
     const Tensor go = grad.to(acc);  // any strides: read through them
+    const Tensor d = dist.to(acc);  // exact: a clamped value is 0 or positive in every float dtype
     const acc_t* GI = go.const_data_ptr<acc_t>();
-    const int64_t s0 = go.stride(0), s1 = go.stride(1);
-    out = g.cross(0, B);
+    const acc_t* DI = d.const_data_ptr<acc_t>();
+    const int64_t s0 = go.stride(0), s1 = go.stride(1), t0 = d.stride(0), t1 = d.stride(1);
     acc_t* O = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* row = O + i * K;
-        g.raw_row(i, row);
-        // torch.clamp(min=0) passes the gradient where raw >= 0 (at exactly 0 too)
-        for (int64_t c = 0; c < K; ++c) row[c] = row[c] >= acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
+    std::optional<Geometry<acc_t>> geometry;  // built by the first chunk holding a zero
+    const int64_t rows = chunk_rows(block_b, K);
+    for (int64_t r0 = 0; r0 < B; r0 += rows) {
+      const int64_t n = std::min(rows, B - r0);
+      bool has_zero = false;
+      for (int64_t i = r0; i < r0 + n && !has_zero; ++i) {
+        for (int64_t c = 0; c < K; ++c) {
+          if (DI[i * t0 + c * t1] == acc_t(0)) {
+            has_zero = true;
+            break;
+          }
+        }
       }
-    });
+      Tensor raw;
+      if (has_zero) {
+        if (!geometry) geometry.emplace(x, centers, acc);
+        raw = geometry->cross(r0, n);
+      }
+      at::parallel_for(r0, r0 + n, grain(K), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t* row = O + i * K;
+          acc_t* raw_row = nullptr;
+          if (has_zero) {
+            raw_row = raw.mutable_data_ptr<acc_t>() + (i - r0) * K;
+            geometry->raw_row(i, raw_row);
+          }
+          for (int64_t c = 0; c < K; ++c) {
+            const acc_t dv = DI[i * t0 + c * t1];
+            // torch.clamp(min=0) passes the gradient where raw >= 0 (at exactly 0 too)
+            const bool passes = dv > acc_t(0) || (dv == acc_t(0) && raw_row[c] >= acc_t(0));
+            row[c] = passes ? GI[i * s0 + c * s1] : acc_t(0);
+          }
+        }
+      });
+    }
   });
   return out;
 }
@@ -632,7 +681,7 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
       "cpu_center_sq_distances(Tensor x, Tensor centers, ScalarType out_dtype, bool tf32, int block_b, "
       "int block_k, int block_d) -> Tensor");
   m.def(
-      "cpu_center_sq_distances_bwd(Tensor grad, Tensor x, Tensor centers, bool tf32, int block_b, int block_k, "
+      "cpu_center_sq_distances_bwd(Tensor grad, Tensor dist, Tensor x, Tensor centers, bool tf32, int block_b, int block_k, "
       "int block_d) -> Tensor");
   m.def(
       "cpu_center_loss_fwd(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "

@@ -136,6 +136,52 @@ def test_cancellation_matches_the_reference_clamp(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_distance_backward_reads_the_clamp_from_the_saved_distances(monkeypatch, backend):
+    """The distance op's backward knows the clamp from its saved output: where every distance is > 0 it never
+    touches the features or the centers (given NaN ones here, it still passes ``grad`` exactly), and only a
+    tile / chunk of rows holding an exact 0 recomputes its raw values (the others keep ``grad``)."""
+    use_backend(monkeypatch, backend)
+    blocks = (False, 4, 4, 4)  # 4-row tiles and chunks: the (8, 8) matrix has 2 x 2 Triton tiles, 2 C++ chunks
+    grad = torch.randn(8, 8)
+    dist = torch.rand(8, 8) + 0.5
+    poisoned = torch.full((8, 3), float("nan"))
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, poisoned, poisoned, *blocks)
+    assert torch.equal(g, grad)
+    # a zero in rows 0-3: with NaN features its raw value is NaN (the clamp stops the gradient), and rows 4-7
+    # never recompute (their gradient stays exact); a real raw < 0 / raw == 0 decides at the zero
+    dist[1, 2] = 0.0
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, poisoned, poisoned, *blocks)
+    assert g[1, 2] == 0.0
+    assert torch.equal(g[4:], grad[4:])
+    x = torch.tensor([[1000.0, 1000.0]] * 8)
+    m = torch.tensor([[1000.0, 1000.0]] * 8)  # raw = 0 exactly: the gradient passes, as torch.clamp(min=0)
+    m[2] = torch.tensor([1000.0009155273438, 1000.0])  # raw < 0 (fp32 cancellation): the gradient stops
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, m, *blocks)
+    assert g[1, 2] == 0.0
+    dist[1, 3] = 0.0
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, m, *blocks)
+    assert g[1, 3] == grad[1, 3] and g[1, 2] == 0.0
+    assert torch.equal(g[dist > 0], grad[dist > 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distance_backward_with_exact_zeros_matches_the_reference(monkeypatch, backend, dtype):
+    """Centers that duplicate some features, in small integers (every product and sum exact in any order, so
+    the raw expansion of a duplicate is exactly 0 on every backend): the distance matrix holds exact zeros in
+    some 4 x 4 tiles (C++: 4-row chunks) and none in others, and the gradients equal the reference's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (12, 6), generator=g).to(dtype)
+    m = torch.cat([x[[1, 6]], torch.randint(-3, 4, (6, 6), generator=g).to(dtype)])
+    go = torch.randn(12, 8, generator=g).to(dtype)
+    tol = FP32 if dtype == torch.float32 else testing.tolerances(dtype)
+    value, _ = compare(backend, monkeypatch, ok.functional.pairwise_sq_distances, [x.requires_grad_(),
+                       m.requires_grad_()], go, tol, blocks=(4, 4, 4))  # fmt: skip
+    zeros = value == 0
+    assert zeros[1, 0] and zeros[6, 1] and not zeros[8:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_equal_points_clamp_boundary(monkeypatch, backend):
     """x == m: the raw expansion is (near) 0; the kernels' gradient follows the same clamp rule as the reference."""
     x = torch.tensor([[1.0, 2.0], [0.5, -0.25]])
@@ -471,8 +517,12 @@ def test_opcheck_center_ops(monkeypatch, backend):
     opcheck(torch.ops.oodkernels.center_sq_distances.default, (x.detach()[:0], m, torch.float32, *blocks))
     if half:
         opcheck(torch.ops.oodkernels.center_sq_distances.default, (x.detach(), m.double(), torch.bfloat16, *blocks))
-    opcheck(torch.ops.oodkernels.center_sq_distances_bwd.default, (torch.randn(6, 3), x.detach(), m, *blocks))
     dist = ref_centers.sq_distances(x.detach(), m)
+    with_zero = dist.clone()
+    with_zero[1, 2] = 0.0  # a tile / chunk that recomputes its raw values
+    for saved in (dist, with_zero):
+        grad_args = (torch.randn(6, 3), saved, x.detach(), m, *blocks)
+        opcheck(torch.ops.oodkernels.center_sq_distances_bwd.default, grad_args)
     for kind, mg in [(0, None), (1, None), (2, margin)]:
         args = (x.detach().requires_grad_(), m.requires_grad_(), y, mg, kind, 0.3, 0.5, 0.7, 0.2, *blocks)
         opcheck(torch.ops.oodkernels.center_loss_fwd.default, args)

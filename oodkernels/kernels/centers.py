@@ -444,6 +444,7 @@ def _sq_distances_kernel(
     M,  # (K, D)
     Mn,  # (K,) ACC center norms
     Gin,  # (B, K) upstream gradient (WITH_GRAD only)
+    Dist,  # (B, K) the forward's clamped distances, any float dtype (WITH_GRAD only)
     Out,  # (B, K): clamped distances (out dtype), or the clamp-masked gradient G (ACC) with WITH_GRAD
     n_rows,
     n_centers,
@@ -454,6 +455,8 @@ def _sq_distances_kernel(
     stride_m_d,
     stride_gi_b,
     stride_gi_k,
+    stride_dd_b,
+    stride_dd_k,
     stride_o_b,
     stride_o_k,
     WITH_GRAD: tl.constexpr,
@@ -465,26 +468,44 @@ def _sq_distances_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One [BLOCK_B, BLOCK_K] tile of ``max(raw, 0)`` (forward) or of ``grad·1[raw >= 0]`` (backward)."""
+    """One [BLOCK_B, BLOCK_K] tile of ``max(raw, 0)`` (forward) or of ``grad·1[raw >= 0]`` (backward).
+
+    The backward reads the forward's clamped distances ``d`` instead of recomputing the tile: ``d > 0`` means
+    ``raw > 0`` (the gradient passes), and only a tile holding an exact ``d == 0`` (a clamped negative, or a raw
+    expansion of exactly 0, where torch.clamp(min=0) passes the gradient) recomputes its raw tile, with the
+    forward's own ``_raw_tile`` (bitwise the forward's values) to tell the two apart.
+    """
     ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < n_rows
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < n_centers
     no_target = rows < 0
-    xn, _ = _row_prologue(
-        X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
-        ACC, False, BLOCK_B, BLOCK_D,
-    )  # fmt: skip
-    raw = _raw_tile(
-        X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
-        ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
-    )  # fmt: skip
     mask = row_mask[:, None] & col_mask[None, :]
     if WITH_GRAD:
         g = tl.load(Gin + rows[:, None] * stride_gi_b + cols[None, :] * stride_gi_k, mask=mask, other=0.0).to(ACC)
-        result = tl.where(raw >= 0.0, g, 0.0)
+        d = tl.load(Dist + rows[:, None] * stride_dd_b + cols[None, :] * stride_dd_k, mask=mask, other=1.0)
+        result = tl.where(d > 0.0, g, 0.0)
+        at_zero = mask & (d == 0.0)
+        if tl.max(tl.max(at_zero.to(tl.int32), axis=1), axis=0) > 0:
+            xn, _ = _row_prologue(
+                X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k,
+                stride_m_d, ACC, False, BLOCK_B, BLOCK_D,
+            )  # fmt: skip
+            raw = _raw_tile(
+                X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k,
+                stride_m_d, ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+            )  # fmt: skip
+            result = tl.where(at_zero & (raw >= 0.0), g, result)
     else:
+        xn, _ = _row_prologue(
+            X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+            ACC, False, BLOCK_B, BLOCK_D,
+        )  # fmt: skip
+        raw = _raw_tile(
+            X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+            ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+        )  # fmt: skip
         result = tl.maximum(raw, 0.0)
     tl.store(Out + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k, result.to(Out.dtype.element_ty), mask=mask)
 
@@ -576,9 +597,9 @@ def sq_distances(
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
     _sq_distances_kernel[grid](
-        X=x, M=centers, Mn=mn, Gin=out, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        X=x, M=centers, Mn=mn, Gin=out, Dist=out, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
         stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
-        stride_gi_b=0, stride_gi_k=0, stride_o_b=out.stride(0), stride_o_k=out.stride(1),
+        stride_gi_b=0, stride_gi_k=0, stride_dd_b=0, stride_dd_k=0, stride_o_b=out.stride(0), stride_o_k=out.stride(1),
         WITH_GRAD=False, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
         BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
     )  # fmt: skip
@@ -586,9 +607,15 @@ def sq_distances(
 
 
 def sq_distances_grad(
-    grad: torch.Tensor, x: torch.Tensor, centers: torch.Tensor, tf32: bool = False, block_override=None
+    grad: torch.Tensor,
+    dist: torch.Tensor,
+    x: torch.Tensor,
+    centers: torch.Tensor,
+    tf32: bool = False,
+    block_override=None,
 ) -> torch.Tensor:
-    """Launch the distance backward: ``G = grad·1[raw >= 0]`` (B, K) in ACC (the clamp mask, recomputed)."""
+    """Launch the distance backward: ``G = grad·1[raw >= 0]`` (B, K) in ACC, the clamp mask read from the
+    forward's distances ``dist`` (tiles holding an exact 0 recompute their raw values, bitwise the forward's)."""
     acc = acc_dtype(x, centers)
     n_rows, n_dim = x.shape
     n_centers = centers.shape[0]
@@ -602,9 +629,10 @@ def sq_distances_grad(
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
     _sq_distances_kernel[grid](
-        X=x, M=centers, Mn=mn, Gin=grad, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        X=x, M=centers, Mn=mn, Gin=grad, Dist=dist, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
         stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
-        stride_gi_b=grad.stride(0), stride_gi_k=grad.stride(1), stride_o_b=out.stride(0), stride_o_k=out.stride(1),
+        stride_gi_b=grad.stride(0), stride_gi_k=grad.stride(1), stride_dd_b=dist.stride(0),
+        stride_dd_k=dist.stride(1), stride_o_b=out.stride(0), stride_o_k=out.stride(1),
         WITH_GRAD=True, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
         BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
     )  # fmt: skip

@@ -4,8 +4,13 @@ Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints
 
 ``center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d) -> Tensor``
     (B, D), (K, D) -> (B, K) ``max(0, ‖x‖² + ‖m‖² − 2 x·m)`` in ``out_dtype``. Differentiable in both.
-``center_sq_distances_bwd(grad, x, centers, tf32, block_b, block_k, block_d) -> Tensor``
+``center_sq_distances_bwd(grad, dist, x, centers, tf32, block_b, block_k, block_d) -> Tensor``
     ``G = grad·1[raw >= 0]`` (B, K) in fp32 (fp64 for fp64 inputs); the GEMMs follow in the autograd formula.
+    The clamp mask is read from the forward's output ``dist`` (saved for backward): ``dist > 0`` passes, and
+    only where ``dist`` is exactly 0 (a Triton tile, a C++ chunk of rows holding one) is the raw expansion
+    recomputed, bitwise as the forward computed it, to pass ``raw == 0`` and stop ``raw < 0``. No GEMM runs
+    otherwise: the backward reads ``grad`` and ``dist`` and writes ``G`` (B·K·(s_grad + s_dist + 4) bytes)
+    instead of recomputing the norms and the ``2·B·K·D``-FLOP cross term.
 ``center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)``
     -> ``(values (B,), stats (3, B))`` in fp32/fp64. ``kind``: 0 CAC (p0 = α), 1 Center (p0 = r), 2 MCHAD
     (p0 = r, p1..p3 = w_center, w_nll, w_oe, ``margin`` a one-element tensor). ``centers=None`` means ``x`` is
@@ -153,29 +158,32 @@ def _(x, centers, out_dtype, tf32, block_b, block_k, block_d):
 
 @torch.library.custom_op("oodkernels::center_sq_distances_bwd", mutates_args=())
 def center_sq_distances_bwd(
-    grad: Tensor, x: Tensor, centers: Tensor, tf32: bool, block_b: int, block_k: int, block_d: int
+    grad: Tensor, dist: Tensor, x: Tensor, centers: Tensor, tf32: bool, block_b: int, block_k: int, block_d: int
 ) -> Tensor:
     if _on_cpp(x):
-        return torch.ops.oodkernels.cpu_center_sq_distances_bwd(grad, x, centers, tf32, block_b, block_k, block_d)
-    return _launchers().sq_distances_grad(grad, x, centers, tf32, _override(block_b, block_k, block_d))
+        return torch.ops.oodkernels.cpu_center_sq_distances_bwd(
+            grad, dist, x, centers, tf32, block_b, block_k, block_d
+        )
+    return _launchers().sq_distances_grad(grad, dist, x, centers, tf32, _override(block_b, block_k, block_d))
 
 
 @center_sq_distances_bwd.register_fake
-def _(grad, x, centers, tf32, block_b, block_k, block_d):
+def _(grad, dist, x, centers, tf32, block_b, block_k, block_d):
     return x.new_empty((x.shape[0], centers.shape[0]), dtype=_acc(x, centers))
 
 
 def _dist_setup_context(ctx, inputs, output):
     x, centers, out_dtype, tf32, block_b, block_k, block_d = inputs
-    ctx.save_for_backward(x, centers)
+    # the output tells the backward where the clamp was active (it is usually kept alive by the loss anyway)
+    ctx.save_for_backward(x, centers, output)
     ctx.params = (tf32, block_b, block_k, block_d)
 
 
 def _dist_backward(ctx, grad):
-    x, centers = ctx.saved_tensors
+    x, centers, dist = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, x, centers, *ctx.params)
+    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, centers, *ctx.params)
     grad_x, grad_m = _gemm_grads(ctx.needs_input_grad[0], ctx.needs_input_grad[1], g, x, centers)
     return grad_x, grad_m, None, None, None, None, None
 
