@@ -525,6 +525,25 @@ def copy_bandwidth(device, min_run_time: float, threads: int, nbytes: int) -> li
     return [moved / (p50 * 1e-3) / 1e9, moved / (p80 * 1e-3) / 1e9, moved / (p20 * 1e-3) / 1e9]
 
 
+def gemm_tflops(device, dtype: str, min_run_time: float, n: int = 8192) -> list:
+    """The device's matrix-product rate [p50, p20, p80] in TFLOP/s for ``dtype``: ``torch.mm`` of two n x n
+    matrices (fp32 in IEEE precision, TF32 off, as the center kernels' default), the FLOP roofline's
+    denominator of the center cases (CUDA only)."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        p50, p20, p80 = time_cuda(lambda: torch.mm(a, b), [], 1000 * max(min_run_time, 0.2))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    work = 2 * n**3
+    return [work / (p50 * 1e-3) / 1e12, work / (p80 * 1e-3) / 1e12, work / (p20 * 1e-3) / 1e12]
+
+
 def synchronize(device):
     import torch
 
@@ -669,9 +688,20 @@ def run_case(case, args, device, env, pytorch_ood, info) -> tuple[list, list]:
                 config["rounds"] = args.rounds
             gbps = [nbytes / (t * 1e-3) / 1e9 for t in (p50, p80, p20)]  # p20 of GB/s comes from p80 of time
             metrics = [("time", "ms", [p50, p20, p80]), ("bandwidth", "GB/s", gbps)]
+            flops = case.flops_model(mode)
+            if flops:
+                config["flops_model"] = flops
+                metrics.append(("compute", "TFLOP/s", [flops / (t * 1e-3) / 1e12 for t in (p50, p80, p20)]))
             roof = [math.nan] * 3
             if device.type == "cuda" and env["copy_gbps"]:
-                roof = [100.0 * g / env["copy_gbps"] for g in gbps]
+                # the roofline time: the bytes at the copy bandwidth, or the matrix products at the measured
+                # GEMM rate of the case's dtype, whichever is longer (KERNEL_GUIDE §5)
+                floor_ms = nbytes / (env["copy_gbps"] * 1e9) * 1e3
+                gemm = env["gemm_tflops"].get(case.dtype) if flops else None
+                if gemm:
+                    floor_ms = max(floor_ms, flops / (gemm * 1e12) * 1e3)
+                    config["gemm_tflops"] = gemm
+                roof = [100.0 * floor_ms / t for t in (p50, p80, p20)]
                 metrics.append(("roofline", "%", roof))
             metrics.append(("peak_memory", "MB", res["memory"]))
             for metric, unit, (q50, q20, q80) in metrics:
@@ -776,6 +806,35 @@ def open_results(path: Path, overwrite: bool):
         header = next(csv.reader(f), [])
     if header != COLUMNS:
         raise SystemExit(f"{path}: its columns differ from this runner's; use --overwrite or another --out")
+
+
+def device_row(env, case, backend, mode, metric, unit, values, x_value=math.nan, config=None) -> dict:
+    """A results row of a device measurement (the copy bandwidth, the GEMM rate): provider ``torch``."""
+    p50, p20, p80 = values
+    return {
+        "case": case,
+        "provider": "torch",
+        "backend": backend,
+        "mode": mode,
+        "metric": metric,
+        "unit": unit,
+        "x_name": "bytes" if mode == "copy" else "",
+        "x_value": x_value,
+        "p50": p50,
+        "p20": p20,
+        "p80": p80,
+        "config_json": json.dumps(config or {}),
+        "device": env["device"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "cuda": env["cuda"],
+        "git_commit": env["git_commit"],
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "max_abs_err": math.nan,
+        "speedup_vs_reference": math.nan,
+        "speedup_vs_reference_compiled": math.nan,
+        "speedup_vs_pytorch_ood": math.nan,
+    }
 
 
 def append_rows(path: Path, rows: list) -> None:
@@ -898,6 +957,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda or "",
         "git_commit": git_commit(),
         "copy_gbps": None,
+        "gemm_tflops": {},
     }
     out = Path(args.out) / f"{device_slug(device)}_{datetime.date.today().isoformat()}.csv"
     open_results(out, args.overwrite)
@@ -905,35 +965,15 @@ def main(argv=None) -> int:
     # device-to-device copy bandwidth, once: the roofline's denominator on CUDA, informative on CPU
     copy = copy_bandwidth(device, args.min_run_time, args.threads, (1 << 30) if device.type == "cuda" else (256 << 20))
     env["copy_gbps"] = copy[0]
-    append_rows(
-        out,
-        [
-            {
-                "case": "_device/copy",
-                "provider": "torch",
-                "backend": "copy_",
-                "mode": "copy",
-                "metric": "bandwidth",
-                "unit": "GB/s",
-                "x_name": "bytes",
-                "x_value": float((1 << 30) if device.type == "cuda" else (256 << 20)),
-                "p50": copy[0],
-                "p20": copy[1],
-                "p80": copy[2],
-                "config_json": json.dumps({"threads": args.threads} if device.type == "cpu" else {}),
-                "device": env["device"],
-                "torch": env["torch"],
-                "triton": env["triton"],
-                "cuda": env["cuda"],
-                "git_commit": env["git_commit"],
-                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "max_abs_err": math.nan,
-                "speedup_vs_reference": math.nan,
-                "speedup_vs_reference_compiled": math.nan,
-                "speedup_vs_pytorch_ood": math.nan,
-            }
-        ],
-    )
+    copy_bytes = float((1 << 30) if device.type == "cuda" else (256 << 20))
+    config = {"threads": args.threads} if device.type == "cpu" else {}
+    append_rows(out, [device_row(env, "_device/copy", "copy_", "copy", "bandwidth", "GB/s", copy, copy_bytes, config)])
+    if device.type == "cuda":
+        # the matrix-product rate per dtype of the selected center cases: the FLOP side of their roofline
+        for dtype in sorted({c.dtype for c in selected if c.family == "centers"}):
+            rate = gemm_tflops(device, dtype, args.min_run_time)
+            env["gemm_tflops"][dtype] = rate[0]
+            append_rows(out, [device_row(env, f"_device/gemm_{dtype}", "torch.mm", "gemm", "compute", "TFLOP/s", rate)])
     print(
         f"oodkernels {oodkernels.__version__} | {env['device']} | torch {env['torch']} | triton {env['triton']} | "
         f"cuda {env['cuda'] or '-'} | commit {env['git_commit']}\n"

@@ -66,6 +66,12 @@ def test_registry_has_the_issue_cases():
     assert mchad.shape == (65536, 512) and mchad.hparams == {"n_classes": 1000, "n_dim": 512}
     assert cases.get("centers/CACLoss/4096x100x100/fp32").quick
     assert mchad.bytes_model("full") > mchad.bytes_model("fwd") > 65536 * 512 * 2
+    # issue #14: the CPU cut of the large shape, and the FLOP model of the FLOP roofline: the distance GEMM
+    # forward, the two gradient GEMMs backward (no recompute of the distances)
+    cut = cases.get("centers/CenterLoss/4096x1000x512/fp32")
+    assert cut.flops_model("fwd") == 2 * 4096 * 1000 * 512 and cut.flops_model("full") == 6 * 4096 * 1000 * 512
+    assert cases.get("centers/IILoss/4096x1000x512/fp32").flops_model("full") == 6 * 1000**2 * 512 + 10 * 4096 * 512
+    assert tiny.flops_model("full") == 0
     # §1.5 byte model: full step of fp32 (R, C) = 12 B per logit plus per-row terms
     r, c = tiny.rows, tiny.classes
     assert tiny.bytes_model("full") == 12 * r * c + r * (2 * 8 + 2 * 4 * tiny.stats_per_row)
