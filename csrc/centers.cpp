@@ -173,86 +173,174 @@ Tensor cpu_center_sq_distances(
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
 
-// G = grad·1[raw >= 0] from the forward's clamped distances: d > 0 passes; a chunk of rows holding an exact
+// The distance op's backward: G = grad·1[raw >= 0], then dX = 2·(rowsum(G)⊙X − G·M), dM = 2·(colsum(G)⊙M − Gᵀ·X).
+//
+// The clamp mask comes from the forward's clamped distances: d > 0 passes; a chunk of rows holding an exact
 // d == 0 recomputes its raw rows with the forward's GEMM call (bitwise its values) to pass raw == 0 (as
 // torch.clamp(min=0) does) and stop raw < 0. Chunks without a zero run no GEMM.
-Tensor cpu_center_sq_distances_bwd(
+//
+// The products: G is often sparse (CenterLoss's gradient reaches only each row's target column), so with at
+// most one nonzero in SPARSE_DIVISOR entries the two products run over the nonzeros only, O(nnz·D) instead of
+// two O(B·K·D) GEMMs (dM accumulated per thread, then summed); otherwise the two ATen GEMMs (addmm) run.
+constexpr int64_t SPARSE_DIVISOR = 8;
+
+std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const Tensor& grad,
     const Tensor& dist,
     const Tensor& x,
     const Tensor& centers,
+    bool need_x,
+    bool need_m,
     bool tf32,
     int64_t block_b,
     int64_t block_k,
     int64_t block_d) {
-  check_features(x, centers, "cpu_center_sq_distances_bwd");
+  check_features(x, centers, "cpu_center_sq_distances_grads");
   const auto acc = acc_of(x, centers);
-  const int64_t B = x.size(0), K = centers.size(0);
-  TORCH_CHECK(
-      grad.dim() == 2 && grad.size(0) == B && grad.size(1) == K,
-      "oodkernels::cpu_center_sq_distances_bwd: grad has shape ",
-      grad.sizes(),
-      ", expected (",
-      B,
-      ", ",
-      K,
-      ")");
-  TORCH_CHECK(
-      dist.dim() == 2 && dist.size(0) == B && dist.size(1) == K,
-      "oodkernels::cpu_center_sq_distances_bwd: dist has shape ",
-      dist.sizes(),
-      ", expected (",
-      B,
-      ", ",
-      K,
-      ")");
-  if (B == 0 || K == 0) return at::empty({B, K}, x.options().dtype(acc));
-  Tensor out = at::empty({B, K}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances_bwd", [&] {
+  const int64_t B = x.size(0), K = centers.size(0), D = x.size(1);
+  for (const Tensor* t : {&grad, &dist}) {
+    TORCH_CHECK(
+        t->dim() == 2 && t->size(0) == B && t->size(1) == K,
+        "oodkernels::cpu_center_sq_distances_grads: grad and dist must have shape (",
+        B,
+        ", ",
+        K,
+        "), got ",
+        t->sizes());
+  }
+  // an input that needs no gradient gets a (0,) placeholder
+  Tensor grad_x = at::empty({0}, x.options()), grad_m = at::empty({0}, centers.options());
+  if (B == 0 || K == 0 || D == 0 || !(need_x || need_m)) {
+    if (need_x) grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);
+    if (need_m) grad_m = at::zeros_like(centers, at::MemoryFormat::Contiguous);
+    return {grad_x, grad_m};
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances_grads", [&] {
     using acc_t = scalar_t;
+    using Vec = at::vec::Vectorized<acc_t>;
     const Tensor go = grad.to(acc);  // any strides: read through them
     const Tensor d = dist.to(acc);  // exact: a clamped value is 0 or positive in every float dtype
     const acc_t* GI = go.const_data_ptr<acc_t>();
     const acc_t* DI = d.const_data_ptr<acc_t>();
     const int64_t s0 = go.stride(0), s1 = go.stride(1), t0 = d.stride(0), t1 = d.stride(1);
-    acc_t* O = out.mutable_data_ptr<acc_t>();
-    std::optional<Geometry<acc_t>> geometry;  // built by the first chunk holding a zero
+    Tensor G = at::empty({B, K}, x.options().dtype(acc));
+    acc_t* O = G.mutable_data_ptr<acc_t>();
+    std::vector<char> row_has_zero(B, 0);
+    std::vector<int64_t> row_nnz(B, 0);
+    // 1. the mask from d, one pass over the rows (vectorised where both rows are contiguous)
+    const bool dense_rows = s1 == 1 && t1 == 1;
+    at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+      const Vec zero_vec(acc_t(0));
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* row = O + i * K;
+        char zero = 0;
+        int64_t nnz = 0;
+        int64_t c = 0;
+        if (dense_rows) {
+          for (; c + Vec::size() <= K; c += Vec::size()) {
+            const Vec dv = Vec::loadu(DI + i * t0 + c);
+            const Vec value = Vec::blendv(zero_vec, Vec::loadu(GI + i * s0 + c), dv > zero_vec);
+            value.store(row + c);
+            zero |= dv.zero_mask() != 0;
+            nnz += Vec::size() - __builtin_popcount(value.zero_mask());
+          }
+        }
+        for (; c < K; ++c) {
+          const acc_t dv = DI[i * t0 + c * t1];
+          const acc_t value = dv > acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
+          zero |= dv == acc_t(0);
+          nnz += value != acc_t(0);
+          row[c] = value;
+        }
+        row_has_zero[i] = zero;
+        row_nnz[i] = nnz;
+      }
+    });
+    // 2. the exact zeros: raw recomputed per forward chunk of rows that holds one
+    std::optional<Geometry<acc_t>> geometry;
     const int64_t rows = chunk_rows(block_b, K);
     for (int64_t r0 = 0; r0 < B; r0 += rows) {
       const int64_t n = std::min(rows, B - r0);
-      bool has_zero = false;
-      for (int64_t i = r0; i < r0 + n && !has_zero; ++i) {
-        for (int64_t c = 0; c < K; ++c) {
-          if (DI[i * t0 + c * t1] == acc_t(0)) {
-            has_zero = true;
-            break;
-          }
-        }
+      if (std::none_of(row_has_zero.begin() + r0, row_has_zero.begin() + r0 + n, [](char z) { return z != 0; })) {
+        continue;
       }
-      Tensor raw;
-      if (has_zero) {
-        if (!geometry) geometry.emplace(x, centers, acc);
-        raw = geometry->cross(r0, n);
-      }
+      if (!geometry) geometry.emplace(x, centers, acc);
+      Tensor raw = geometry->cross(r0, n);
+      acc_t* R = raw.mutable_data_ptr<acc_t>();
       at::parallel_for(r0, r0 + n, grain(K), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          acc_t* row = O + i * K;
-          acc_t* raw_row = nullptr;
-          if (has_zero) {
-            raw_row = raw.mutable_data_ptr<acc_t>() + (i - r0) * K;
-            geometry->raw_row(i, raw_row);
-          }
+          if (!row_has_zero[i]) continue;
+          acc_t* raw_row = R + (i - r0) * K;
+          geometry->raw_row(i, raw_row);
           for (int64_t c = 0; c < K; ++c) {
-            const acc_t dv = DI[i * t0 + c * t1];
             // torch.clamp(min=0) passes the gradient where raw >= 0 (at exactly 0 too)
-            const bool passes = dv > acc_t(0) || (dv == acc_t(0) && raw_row[c] >= acc_t(0));
-            row[c] = passes ? GI[i * s0 + c * s1] : acc_t(0);
+            if (DI[i * t0 + c * t1] == acc_t(0) && raw_row[c] >= acc_t(0)) {
+              O[i * K + c] = GI[i * s0 + c * s1];
+              row_nnz[i] += O[i * K + c] != acc_t(0);
+            }
           }
         }
       });
     }
+    // 3. the products
+    const Tensor xa = x.to(acc).contiguous();
+    const Tensor ma = centers.to(acc).contiguous();
+    int64_t nnz = 0;
+    for (int64_t v : row_nnz) nnz += v;
+    if (nnz * SPARSE_DIVISOR > B * K) {
+      if (need_x) grad_x = at::addmm(G.sum(1, true) * xa, G, ma, 2.0, -2.0).to(x.scalar_type());
+      if (need_m) grad_m = at::addmm(G.sum(0).unsqueeze(1) * ma, G.t(), xa, 2.0, -2.0).to(centers.scalar_type());
+      return;
+    }
+    const acc_t* X = xa.const_data_ptr<acc_t>();
+    const acc_t* M = ma.const_data_ptr<acc_t>();
+    if (need_x) {
+      Tensor gx = at::zeros({B, D}, x.options().dtype(acc));
+      acc_t* GX = gx.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          if (row_nnz[i] == 0) continue;
+          acc_t* out = GX + i * D;
+          acc_t rowsum = 0;
+          for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
+            const acc_t gv = O[i * K + c];
+            if (gv == acc_t(0)) continue;
+            ++seen;
+            rowsum += gv;
+            // out −= 2·g·m_c
+            at::vec::map2([gv](Vec o, Vec m) { return o - Vec(acc_t(2) * gv) * m; }, out, out, M + c * D, D);
+          }
+          const acc_t scale = acc_t(2) * rowsum;
+          at::vec::map2([scale](Vec o, Vec xv) { return o + Vec(scale) * xv; }, out, out, X + i * D, D);
+        }
+      });
+      grad_x = gx.to(x.scalar_type());
+    }
+    if (need_m) {
+      // per-thread partial sums of Σ_i g_ic·x_i and colsum(G), then one reduction
+      const int threads = at::get_num_threads();
+      Tensor partial = at::zeros({threads, K, D + 1}, x.options().dtype(acc));
+      acc_t* P = partial.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+        acc_t* mine = P + int64_t(at::get_thread_num()) * K * (D + 1);
+        for (int64_t i = begin; i < end; ++i) {
+          if (row_nnz[i] == 0) continue;
+          for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
+            const acc_t gv = O[i * K + c];
+            if (gv == acc_t(0)) continue;
+            ++seen;
+            acc_t* acc_row = mine + c * (D + 1);
+            at::vec::map2([gv](Vec a, Vec xv) { return a + Vec(gv) * xv; }, acc_row, acc_row, X + i * D, D);
+            acc_row[D] += gv;
+          }
+        }
+      });
+      const Tensor total = partial.sum(0);  // (K, D + 1)
+      const Tensor gx_sum = total.narrow(1, 0, D), colsum = total.narrow(1, D, 1);
+      grad_m = ((colsum * ma - gx_sum) * acc_t(2)).to(centers.scalar_type());
+    }
   });
-  return out;
+  return {grad_x, grad_m};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,8 +769,8 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
       "cpu_center_sq_distances(Tensor x, Tensor centers, ScalarType out_dtype, bool tf32, int block_b, "
       "int block_k, int block_d) -> Tensor");
   m.def(
-      "cpu_center_sq_distances_bwd(Tensor grad, Tensor dist, Tensor x, Tensor centers, bool tf32, int block_b, int block_k, "
-      "int block_d) -> Tensor");
+      "cpu_center_sq_distances_grads(Tensor grad, Tensor dist, Tensor x, Tensor centers, bool need_x, bool need_m, "
+      "bool tf32, int block_b, int block_k, int block_d) -> (Tensor, Tensor)");
   m.def(
       "cpu_center_loss_fwd(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "
       "float p1, float p2, float p3, bool tf32, int block_b, int block_k, int block_d) -> (Tensor, Tensor)");
@@ -694,7 +782,7 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
 
 TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
   m.impl("cpu_center_sq_distances", &cpu_center_sq_distances);
-  m.impl("cpu_center_sq_distances_bwd", &cpu_center_sq_distances_bwd);
+  m.impl("cpu_center_sq_distances_grads", &cpu_center_sq_distances_grads);
   m.impl("cpu_center_loss_fwd", &cpu_center_loss_fwd);
   m.impl("cpu_center_loss_bwd", &cpu_center_loss_bwd);
 }

@@ -137,31 +137,60 @@ def test_cancellation_matches_the_reference_clamp(monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distance_backward_reads_the_clamp_from_the_saved_distances(monkeypatch, backend):
-    """The distance op's backward knows the clamp from its saved output: where every distance is > 0 it never
-    touches the features or the centers (given NaN ones here, it still passes ``grad`` exactly), and only a
-    tile / chunk of rows holding an exact 0 recomputes its raw values (the others keep ``grad``)."""
+    """The distance op's backward knows the clamp from its saved output ``dist``: ``dist > 0`` passes the
+    gradient without recomputing anything, and only a tile / chunk of rows holding an exact 0 recomputes its raw
+    expansion (bitwise the forward's) to tell ``raw < 0`` (stopped) from ``raw == 0`` (passed, as torch.clamp).
+
+    Rows 0-3 are x = (1000, 0) against m0 = (1000.0009155, 0): raw = −0.125 in fp32; rows 4-7 are
+    x = (1000, 1000) against m1 = (1000.001, 1000): raw = 0.0 exactly. The ``dist`` given is made up, so what
+    the op passes shows what it recomputed: with 4-row tiles / chunks each group is its own tile.
+    """
     use_backend(monkeypatch, backend)
-    blocks = (False, 4, 4, 4)  # 4-row tiles and chunks: the (8, 8) matrix has 2 x 2 Triton tiles, 2 C++ chunks
-    grad = torch.randn(8, 8)
-    dist = torch.rand(8, 8) + 0.5
-    poisoned = torch.full((8, 3), float("nan"))
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, poisoned, poisoned, *blocks)
-    assert torch.equal(g, grad)
-    # a zero in rows 0-3: with NaN features its raw value is NaN (the clamp stops the gradient), and rows 4-7
-    # never recompute (their gradient stays exact); a real raw < 0 / raw == 0 decides at the zero
-    dist[1, 2] = 0.0
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, poisoned, poisoned, *blocks)
-    assert g[1, 2] == 0.0
-    assert torch.equal(g[4:], grad[4:])
-    x = torch.tensor([[1000.0, 1000.0]] * 8)
-    m = torch.tensor([[1000.0, 1000.0]] * 8)  # raw = 0 exactly: the gradient passes, as torch.clamp(min=0)
-    m[2] = torch.tensor([1000.0009155273438, 1000.0])  # raw < 0 (fp32 cancellation): the gradient stops
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, m, *blocks)
-    assert g[1, 2] == 0.0
-    dist[1, 3] = 0.0
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, m, *blocks)
-    assert g[1, 3] == grad[1, 3] and g[1, 2] == 0.0
-    assert torch.equal(g[dist > 0], grad[dist > 0])
+    blocks = (False, 4, 4, 4)
+    x = torch.tensor([[1000.0, 0.0]] * 4 + [[1000.0, 1000.0]] * 4)
+    m = torch.tensor([[1000.0009155273438, 0.0], [1000.001, 1000.0]])
+    grad = torch.randn(8, 2)
+
+    def expected(passes):  # dX = 2·(rowsum(G)⊙X − G·M), dM = 2·(colsum(G)⊙M − Gᵀ·X) in float64
+        g, xd, md = torch.where(passes, grad, 0.0).double(), x.double(), m.double()
+        return 2 * (g.sum(1, keepdim=True) * xd - g @ md), 2 * (g.sum(0)[:, None] * md - g.t() @ xd)
+
+    def check(dist, passes):
+        grad_x, grad_m = torch.ops.oodkernels.center_sq_distances_grads(grad, dist, x, m, True, True, *blocks)
+        want_x, want_m = expected(passes)
+        testing.assert_close(grad_x.double(), want_x, atol=2e-3, rtol=1e-5)
+        testing.assert_close(grad_m.double(), want_m, atol=2e-3, rtol=1e-5)
+
+    every = torch.ones(8, 2, dtype=torch.bool)
+    # every distance > 0: nothing recomputed, the gradient passes even where the true raw value is negative
+    check(torch.ones(8, 2), every)
+    # exact zeros at (rows 0-3, m0): that tile recomputes raw = -0.125 and stops the gradient there
+    dist = torch.ones(8, 2)
+    dist[:4, 0] = 0.0
+    stopped = every.clone()
+    stopped[:4, 0] = False
+    check(dist, stopped)
+    # exact zeros at (rows 4-7, m1): raw == 0 exactly, the gradient passes
+    dist = torch.ones(8, 2)
+    dist[4:, 1] = 0.0
+    check(dist, every)
+    # only one input needs a gradient: the other output is a (0,) placeholder
+    grad_x, grad_m = torch.ops.oodkernels.center_sq_distances_grads(grad, dist, x, m, True, False, *blocks)
+    assert grad_x.shape == x.shape and grad_m.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_distance_gradient_matches_the_dense_one(monkeypatch, backend):
+    """CenterLoss's gradient reaches one distance per row: the C++ backward then runs its products over the
+    nonzeros of G (O(nnz·D)) instead of two GEMMs; the gradients equal the reference's for the module path,
+    with many rows per center, OOD rows (no gradient) and a few centers no row reaches."""
+    y = torch.randint(-1, 10, (64,), generator=torch.Generator().manual_seed(4))
+
+    def center(z, centers):  # the module path: distance(z), then forward(distances, y)
+        return ok.functional.center_distance_loss(ok.functional.pairwise_sq_distances(z, centers), y, radius=0.1)
+
+    z, centers = features(64, 16, seed=6).requires_grad_(), features(12, 16, seed=7).requires_grad_()
+    compare(backend, monkeypatch, center, [z, centers], blocks=DEFAULT)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -521,8 +550,9 @@ def test_opcheck_center_ops(monkeypatch, backend):
     with_zero = dist.clone()
     with_zero[1, 2] = 0.0  # a tile / chunk that recomputes its raw values
     for saved in (dist, with_zero):
-        grad_args = (torch.randn(6, 3), saved, x.detach(), m, *blocks)
-        opcheck(torch.ops.oodkernels.center_sq_distances_bwd.default, grad_args)
+        for need in ((True, True), (True, False), (False, True)):
+            grad_args = (torch.randn(6, 3), saved, x.detach(), m, *need, *blocks)
+            opcheck(torch.ops.oodkernels.center_sq_distances_grads.default, grad_args)
     for kind, mg in [(0, None), (1, None), (2, margin)]:
         args = (x.detach().requires_grad_(), m.requires_grad_(), y, mg, kind, 0.3, 0.5, 0.7, 0.2, *blocks)
         opcheck(torch.ops.oodkernels.center_loss_fwd.default, args)

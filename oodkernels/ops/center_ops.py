@@ -4,13 +4,16 @@ Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints
 
 ``center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d) -> Tensor``
     (B, D), (K, D) -> (B, K) ``max(0, ‖x‖² + ‖m‖² − 2 x·m)`` in ``out_dtype``. Differentiable in both.
-``center_sq_distances_bwd(grad, dist, x, centers, tf32, block_b, block_k, block_d) -> Tensor``
-    ``G = grad·1[raw >= 0]`` (B, K) in fp32 (fp64 for fp64 inputs); the GEMMs follow in the autograd formula.
-    The clamp mask is read from the forward's output ``dist`` (saved for backward): ``dist > 0`` passes, and
-    only where ``dist`` is exactly 0 (a Triton tile, a C++ chunk of rows holding one) is the raw expansion
-    recomputed, bitwise as the forward computed it, to pass ``raw == 0`` and stop ``raw < 0``. No GEMM runs
-    otherwise: the backward reads ``grad`` and ``dist`` and writes ``G`` (B·K·(s_grad + s_dist + 4) bytes)
-    instead of recomputing the norms and the ``2·B·K·D``-FLOP cross term.
+``center_sq_distances_grads(grad, dist, x, centers, need_x, need_m, tf32, block_b, block_k, block_d)``
+    -> ``(dX, dM)``, the distance op's backward: ``G = grad·1[raw >= 0]``, ``dX = 2·(rowsum(G)⊙X − G·M)``,
+    ``dM = 2·(colsum(G)⊙M − Gᵀ·X)`` in the inputs' dtypes ((0,) for an input that needs no gradient). The
+    clamp mask is read from the forward's output ``dist`` (saved for backward): ``dist > 0`` passes, and only
+    where ``dist`` is exactly 0 (a Triton tile, a C++ chunk of rows holding one) is the raw expansion
+    recomputed, bitwise as the forward computed it, to pass ``raw == 0`` and stop ``raw < 0``. No distance
+    GEMM runs otherwise: the mask reads ``grad`` and ``dist`` and writes ``G`` (B·K·(s_grad + s_dist + 4)
+    bytes) instead of recomputing the norms and the ``2·B·K·D``-FLOP cross term. The two products are
+    ``torch.addmm`` GEMMs; the C++ implementation runs them over the nonzeros of ``G`` only when at most one
+    entry in eight is nonzero (CenterLoss's ``G`` has one per row), ``O(nnz·D)`` instead of ``O(B·K·D)``.
 ``center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)``
     -> ``(values (B,), stats (3, B))`` in fp32/fp64. ``kind``: 0 CAC (p0 = α), 1 Center (p0 = r), 2 MCHAD
     (p0 = r, p1..p3 = w_center, w_nll, w_oe, ``margin`` a one-element tensor). ``centers=None`` means ``x`` is
@@ -26,7 +29,7 @@ with ``torch.addmm`` in fp32 (fp64), skipping ``dM`` when the centers need no gr
 ops raise in their own backward: double backward through the fused kernels is not supported.
 
 Each op dispatches at call time: CPU tensors go to the C++ implementations in ``csrc/centers.cpp``
-(``oodkernels::cpu_center_sq_distances`` / ``cpu_center_sq_distances_bwd`` / ``cpu_center_loss_fwd`` /
+(``oodkernels::cpu_center_sq_distances`` / ``cpu_center_sq_distances_grads`` / ``cpu_center_loss_fwd`` /
 ``cpu_center_loss_bwd``, same arguments and outputs) when :func:`oodkernels.ops.select_backend` picks the cpp
 backend for the center family (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else
 goes to the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). There the cross term is an ATen GEMM
@@ -156,20 +159,36 @@ def _(x, centers, out_dtype, tf32, block_b, block_k, block_d):
     return x.new_empty((x.shape[0], centers.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("oodkernels::center_sq_distances_bwd", mutates_args=())
-def center_sq_distances_bwd(
-    grad: Tensor, dist: Tensor, x: Tensor, centers: Tensor, tf32: bool, block_b: int, block_k: int, block_d: int
-) -> Tensor:
+@torch.library.custom_op("oodkernels::center_sq_distances_grads", mutates_args=())
+def center_sq_distances_grads(
+    grad: Tensor,
+    dist: Tensor,
+    x: Tensor,
+    centers: Tensor,
+    need_x: bool,
+    need_m: bool,
+    tf32: bool,
+    block_b: int,
+    block_k: int,
+    block_d: int,
+) -> tuple[Tensor, Tensor]:
     if _on_cpp(x):
-        return torch.ops.oodkernels.cpu_center_sq_distances_bwd(
-            grad, dist, x, centers, tf32, block_b, block_k, block_d
+        return torch.ops.oodkernels.cpu_center_sq_distances_grads(
+            grad, dist, x, centers, need_x, need_m, tf32, block_b, block_k, block_d
         )
-    return _launchers().sq_distances_grad(grad, dist, x, centers, tf32, _override(block_b, block_k, block_d))
+    g = _launchers().sq_distances_grad(grad, dist, x, centers, tf32, _override(block_b, block_k, block_d))
+    grad_x, grad_m = _gemm_grads(need_x, need_m, g, x, centers)
+    return (
+        x.new_empty((0,)) if grad_x is None else grad_x.contiguous(),
+        centers.new_empty((0,)) if grad_m is None else grad_m.contiguous(),
+    )
 
 
-@center_sq_distances_bwd.register_fake
-def _(grad, dist, x, centers, tf32, block_b, block_k, block_d):
-    return x.new_empty((x.shape[0], centers.shape[0]), dtype=_acc(x, centers))
+@center_sq_distances_grads.register_fake
+def _(grad, dist, x, centers, need_x, need_m, tf32, block_b, block_k, block_d):
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,))
+    grad_m = torch.empty_like(centers, memory_format=torch.contiguous_format) if need_m else centers.new_empty((0,))
+    return grad_x, grad_m
 
 
 def _dist_setup_context(ctx, inputs, output):
@@ -183,13 +202,15 @@ def _dist_backward(ctx, grad):
     x, centers, dist = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None
-    g = torch.ops.oodkernels.center_sq_distances_bwd(grad, dist, x, centers, *ctx.params)
-    grad_x, grad_m = _gemm_grads(ctx.needs_input_grad[0], ctx.needs_input_grad[1], g, x, centers)
-    return grad_x, grad_m, None, None, None, None, None
+    need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_m = torch.ops.oodkernels.center_sq_distances_grads(grad, dist, x, centers, need_x, need_m, *ctx.params)
+    return (grad_x if need_x else None), (grad_m if need_m else None), None, None, None, None, None
 
 
 center_sq_distances.register_autograd(_dist_backward, setup_context=_dist_setup_context)
-center_sq_distances_bwd.register_autograd(_raise_double_backward("center_sq_distances_bwd"), setup_context=_no_context)
+center_sq_distances_grads.register_autograd(
+    _raise_double_backward("center_sq_distances_grads"), setup_context=_no_context
+)
 
 
 # ----------------------------------------------------------------------------------------------
