@@ -41,6 +41,11 @@ The ops layer then forms ``dX = 2·(rowsum(G)⊙X − G·M)`` and ``dM = 2·(col
 ``torch.addmm`` (cuBLAS/MKL, deterministic); ``dM`` is skipped for fixed centers. With ``FROM_DIST`` the same
 kernels read a given (B, K) distance matrix instead (the module path ``crit(distances, targets)``): no
 clamp, and ``G`` is the gradient of the distances themselves.
+
+The distance kernel's backward (``_sq_distances_kernel`` with ``WITH_GRAD``, the module path's
+``distance(z)``) recomputes nothing in a tile whose saved distances are all > 0: there the clamp passed. Only
+a tile holding an exact 0 rebuilds its raw expansion (``_raw_tile``, bitwise the forward's) to tell
+``raw == 0`` (passes) from ``raw < 0`` (stops).
 """
 
 from __future__ import annotations
