@@ -42,10 +42,12 @@ The ops layer then forms ``dX = 2·(rowsum(G)⊙X − G·M)`` and ``dM = 2·(col
 kernels read a given (B, K) distance matrix instead (the module path ``crit(distances, targets)``): no
 clamp, and ``G`` is the gradient of the distances themselves.
 
-The distance kernel's backward (``_sq_distances_kernel`` with ``WITH_GRAD``, the module path's
-``distance(z)``) recomputes nothing in a tile whose saved distances are all > 0: there the clamp passed. Only
-a tile holding an exact 0 rebuilds its raw expansion (``_raw_tile``, bitwise the forward's) to tell
-``raw == 0`` (passes) from ``raw < 0`` (stops).
+The distance op's backward (the module path's ``distance(z)``) recomputes nothing where the saved distances
+are > 0: there the clamp passed. ``_clamp_mask_kernel`` writes ``G`` from the saved distances and flags the
+tiles holding an exact 0; only those rerun ``_sq_distances_kernel`` (``WITH_GRAD``), whose raw expansion
+(``_raw_tile`` on the forward's tile grid, bitwise the forward's) tells ``raw == 0`` (passes) from ``raw < 0``
+(stops). Split in two so that the pass over every element runs light on registers (the recompute branch in
+the same kernel held the mask pass's tiles across the D loop and spilled on sm_90).
 """
 
 from __future__ import annotations
@@ -444,12 +446,52 @@ def _center_loss_bwd_kernel(
 
 
 @triton.jit
+def _clamp_mask_kernel(
+    Gin,  # (B, K) upstream gradient
+    Dist,  # (B, K) the forward's clamped distances, any float dtype
+    Out,  # (B, K) ACC: grad where the saved distance is > 0, else 0
+    ZeroTiles,  # (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)) int8: 1 where the tile holds an exact 0
+    n_rows,
+    n_centers,
+    stride_gi_b,
+    stride_gi_k,
+    stride_dd_b,
+    stride_dd_k,
+    stride_o_b,
+    stride_o_k,
+    ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The distance backward's mask pass over one [BLOCK_B, BLOCK_K] tile (BLOCK_B a fraction of the forward's).
+
+    ``d > 0`` means the forward's raw expansion was > 0, so the clamp passed ``grad``; ``d == 0`` is either a
+    clamped negative (stops) or an exact 0 (passes: torch.clamp(min=0) passes at the bound), which only the
+    raw value tells apart. Those tiles are flagged for :func:`_sq_distances_kernel`'s recompute and written
+    0 here. Elementwise; its tiles are a few rows tall because the row stride (K) is rarely a multiple of 16,
+    so every element is its own load with its own 64-bit address: 64-row tiles took 146-200 registers (sm_90/80).
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < n_rows)[:, None] & (cols < n_centers)[None, :]
+    d = tl.load(Dist + rows[:, None] * stride_dd_b + cols[None, :] * stride_dd_k, mask=mask, other=1.0)
+    g = tl.load(Gin + rows[:, None] * stride_gi_b + cols[None, :] * stride_gi_k, mask=mask, other=0.0)
+    tl.store(
+        Out + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k,
+        tl.where(d > 0.0, g.to(ACC), 0.0).to(Out.dtype.element_ty),
+        mask=mask,
+    )
+    n_zero = tl.sum(tl.sum((mask & (d == 0.0)).to(tl.int32), axis=1), axis=0)
+    tl.store(ZeroTiles + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), (n_zero > 0).to(tl.int8))
+
+
+@triton.jit
 def _sq_distances_kernel(
     X,  # (B, D)
     M,  # (K, D)
     Mn,  # (K,) ACC center norms
     Gin,  # (B, K) upstream gradient (WITH_GRAD only)
-    Dist,  # (B, K) the forward's clamped distances, any float dtype (WITH_GRAD only)
+    ZeroTiles,  # _clamp_mask_kernel's tile flags (WITH_GRAD only)
     Out,  # (B, K): clamped distances (out dtype), or the clamp-masked gradient G (ACC) with WITH_GRAD
     n_rows,
     n_centers,
@@ -460,11 +502,11 @@ def _sq_distances_kernel(
     stride_m_d,
     stride_gi_b,
     stride_gi_k,
-    stride_dd_b,
-    stride_dd_k,
     stride_o_b,
     stride_o_k,
+    n_mask_rows,  # rows of ZeroTiles (WITH_GRAD only)
     WITH_GRAD: tl.constexpr,
+    MASK_SPLIT: tl.constexpr,  # forward tile rows per mask-pass tile row (WITH_GRAD only)
     USE_FP64: tl.constexpr,
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -473,44 +515,38 @@ def _sq_distances_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One [BLOCK_B, BLOCK_K] tile of ``max(raw, 0)`` (forward) or of ``grad·1[raw >= 0]`` (backward).
+    """One [BLOCK_B, BLOCK_K] tile of ``max(raw, 0)`` (forward), or, with ``WITH_GRAD``, of ``grad·1[raw >= 0]``
+    for a tile :func:`_clamp_mask_kernel` flagged (every other program returns at once).
 
-    The backward reads the forward's clamped distances ``d`` instead of recomputing the tile: ``d > 0`` means
-    ``raw > 0`` (the gradient passes), and only a tile holding an exact ``d == 0`` (a clamped negative, or a raw
-    expansion of exactly 0, where torch.clamp(min=0) passes the gradient) recomputes its raw tile, with the
-    forward's own ``_raw_tile`` (bitwise the forward's values) to tell the two apart.
+    The recompute is the forward's own ``_raw_tile`` on the forward's tile grid, so bitwise the forward's raw
+    values: ``raw >= 0`` is torch.clamp(min=0)'s gradient rule exactly, with no reference to the saved ``d``.
     """
     ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    if WITH_GRAD:
+        # the mask pass flagged its tiles of BLOCK_B // MASK_SPLIT rows: this tile's are MASK_SPLIT consecutive
+        parts = tl.program_id(0) * MASK_SPLIT + tl.arange(0, MASK_SPLIT)
+        flags = tl.load(ZeroTiles + parts * tl.num_programs(1) + tl.program_id(1), mask=parts < n_mask_rows, other=0)
+        if tl.max(flags, axis=0) == 0:
+            return
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < n_rows
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < n_centers
-    no_target = rows < 0
+    xn, _ = _row_prologue(
+        X, M, Mn, rows, row_mask, rows * 0, rows < 0, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+        ACC, False, BLOCK_B, BLOCK_D,
+    )  # fmt: skip
+    raw = _raw_tile(
+        X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
+        ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
+    )  # fmt: skip
+    # [BLOCK_B, BLOCK_K] pointer tensors are formed after the D loop: one held across it costs two registers
+    # per element (64-bit addresses)
     mask = row_mask[:, None] & col_mask[None, :]
     if WITH_GRAD:
-        g = tl.load(Gin + rows[:, None] * stride_gi_b + cols[None, :] * stride_gi_k, mask=mask, other=0.0).to(ACC)
-        d = tl.load(Dist + rows[:, None] * stride_dd_b + cols[None, :] * stride_dd_k, mask=mask, other=1.0)
-        result = tl.where(d > 0.0, g, 0.0)
-        at_zero = mask & (d == 0.0)
-        if tl.max(tl.max(at_zero.to(tl.int32), axis=1), axis=0) > 0:
-            xn, _ = _row_prologue(
-                X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k,
-                stride_m_d, ACC, False, BLOCK_B, BLOCK_D,
-            )  # fmt: skip
-            raw = _raw_tile(
-                X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k,
-                stride_m_d, ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
-            )  # fmt: skip
-            result = tl.where(at_zero & (raw >= 0.0), g, result)
+        g = tl.load(Gin + rows[:, None] * stride_gi_b + cols[None, :] * stride_gi_k, mask=mask, other=0.0)
+        result = tl.where(raw >= 0.0, g.to(ACC), 0.0)
     else:
-        xn, _ = _row_prologue(
-            X, M, Mn, rows, row_mask, rows * 0, no_target, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
-            ACC, False, BLOCK_B, BLOCK_D,
-        )  # fmt: skip
-        raw = _raw_tile(
-            X, M, Mn, xn, rows, row_mask, cols, col_mask, n_dim, stride_x_b, stride_x_d, stride_m_k, stride_m_d,
-            ACC, False, USE_DOT, UPCAST, TF32, BLOCK_B, BLOCK_K, BLOCK_D,
-        )  # fmt: skip
         result = tl.maximum(raw, 0.0)
     tl.store(Out + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k, result.to(Out.dtype.element_ty), mask=mask)
 
@@ -580,6 +616,10 @@ def launch_config(
     return 64, block_k, block_d, 4
 
 
+#: forward tile rows per tile row of the distance backward's mask pass (:func:`_clamp_mask_kernel`)
+MASK_SPLIT = 4
+
+
 def center_norms(centers: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``‖m_k‖²`` in ACC, once per call (KERNEL_GUIDE §3)."""
     return centers.to(acc).pow(2).sum(1)
@@ -602,10 +642,10 @@ def sq_distances(
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
     _sq_distances_kernel[grid](
-        X=x, M=centers, Mn=mn, Gin=out, Dist=out, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
+        X=x, M=centers, Mn=mn, Gin=out, ZeroTiles=out, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
         stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
-        stride_gi_b=0, stride_gi_k=0, stride_dd_b=0, stride_dd_k=0, stride_o_b=out.stride(0), stride_o_k=out.stride(1),
-        WITH_GRAD=False, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
+        stride_gi_b=0, stride_gi_k=0, stride_o_b=out.stride(0), stride_o_k=out.stride(1), n_mask_rows=0,
+        WITH_GRAD=False, MASK_SPLIT=1, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
         BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -619,26 +659,40 @@ def sq_distances_grad(
     tf32: bool = False,
     block_override=None,
 ) -> torch.Tensor:
-    """Launch the distance backward: ``G = grad·1[raw >= 0]`` (B, K) in ACC, the clamp mask read from the
-    forward's distances ``dist`` (tiles holding an exact 0 recompute their raw values, bitwise the forward's)."""
+    """The distance backward: ``G = grad·1[raw >= 0]`` (B, K) in ACC, two launches on the forward's tile grid.
+
+    :func:`_clamp_mask_kernel` reads the forward's distances ``dist`` and ``grad`` (the clamp passed where
+    ``dist > 0``) and flags the tiles holding an exact 0; :func:`_sq_distances_kernel` recomputes only those
+    (bitwise the forward's raw values). Bytes: B·K·(s_dist + s_grad + s_acc) plus one byte per tile, plus the
+    recompute's X and M reads for flagged tiles only.
+    """
     acc = acc_dtype(x, centers)
     n_rows, n_dim = x.shape
     n_centers = centers.shape[0]
     out = torch.empty((n_rows, n_centers), dtype=acc, device=x.device)
     if n_rows == 0 or n_centers == 0:
         return out
-    mn = center_norms(centers, acc)
     use_dot, upcast = dot_flags(x, centers)
     bb, bk, bd, num_warps = launch_config(
         n_rows, n_centers, n_dim, x.dtype if acc != torch.float64 else acc, block_override, upcast=upcast
     )
     grid = (triton.cdiv(n_rows, bb), triton.cdiv(n_centers, bk))
-    _sq_distances_kernel[grid](
-        X=x, M=centers, Mn=mn, Gin=grad, Dist=dist, Out=out, n_rows=n_rows, n_centers=n_centers, n_dim=n_dim,
-        stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
+    mask_rows = max(bb // MASK_SPLIT, 1)
+    zero_tiles = torch.empty((triton.cdiv(n_rows, mask_rows), grid[1]), dtype=torch.int8, device=x.device)
+    _clamp_mask_kernel[zero_tiles.shape](
+        Gin=grad, Dist=dist, Out=out, ZeroTiles=zero_tiles, n_rows=n_rows, n_centers=n_centers,
         stride_gi_b=grad.stride(0), stride_gi_k=grad.stride(1), stride_dd_b=dist.stride(0),
         stride_dd_k=dist.stride(1), stride_o_b=out.stride(0), stride_o_k=out.stride(1),
-        WITH_GRAD=True, USE_FP64=acc == torch.float64, USE_DOT=use_dot, UPCAST=upcast, TF32=bool(tf32),
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_B=mask_rows, BLOCK_K=bk, num_warps=num_warps,
+    )  # fmt: skip
+    mn = center_norms(centers, acc)
+    _sq_distances_kernel[grid](
+        X=x, M=centers, Mn=mn, Gin=grad, ZeroTiles=zero_tiles, Out=out, n_rows=n_rows, n_centers=n_centers,
+        n_dim=n_dim, stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0),
+        stride_m_d=centers.stride(1), stride_gi_b=grad.stride(0), stride_gi_k=grad.stride(1),
+        stride_o_b=out.stride(0), stride_o_k=out.stride(1), n_mask_rows=zero_tiles.shape[0],
+        WITH_GRAD=True, MASK_SPLIT=bb // mask_rows, USE_FP64=acc == torch.float64, USE_DOT=use_dot,
+        UPCAST=upcast, TF32=bool(tf32),
         BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
     )  # fmt: skip
     return out
