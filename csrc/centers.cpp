@@ -93,6 +93,12 @@ template <typename acc_t>
 struct Geometry {
   Tensor xa, ma, xn, mn;
   int64_t B, K, D;
+  // the norms' data, read once here: Tensor::const_data_ptr checks the dtype and storage on every call, which
+  // cost more than the row itself when K is small
+  const acc_t* XN;
+  const acc_t* MN;
+  const acc_t* XA;
+  const acc_t* MA;
 
   Geometry(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
     xa = x.to(acc);
@@ -102,6 +108,10 @@ struct Geometry {
     B = x.size(0);
     K = centers.size(0);
     D = x.size(1);
+    XN = xn.const_data_ptr<acc_t>();
+    MN = mn.const_data_ptr<acc_t>();
+    XA = xa.const_data_ptr<acc_t>();
+    MA = ma.const_data_ptr<acc_t>();
   }
 
   // rows [r0, r0 + n) of x·mᵀ, (n, K) contiguous, fresh (the caller may overwrite it)
@@ -112,14 +122,13 @@ struct Geometry {
   // raw_i· = (xn_i + mn_·) − 2·cross_i·, written over the cross row
   void raw_row(int64_t i, acc_t* row) const {
     using Vec = at::vec::Vectorized<acc_t>;
-    const acc_t* MN = mn.const_data_ptr<acc_t>();
-    const Vec xi(xn.const_data_ptr<acc_t>()[i]);
+    const acc_t xs = XN[i];
+    const Vec xi(xs);
     const Vec two(acc_t(2));
     int64_t c = 0;
     for (; c + Vec::size() <= K; c += Vec::size()) {
       ((xi + Vec::loadu(MN + c)) - two * Vec::loadu(row + c)).store(row + c);
     }
-    const acc_t xs = xn.const_data_ptr<acc_t>()[i];
     for (; c < K; ++c) row[c] = (xs + MN[c]) - acc_t(2) * row[c];
   }
 };
@@ -162,11 +171,11 @@ Tensor cpu_center_sq_distances(
       const int64_t n = std::min(rows, g.B - r0);
       if (rows < g.B) out.narrow(0, r0, n).copy_(g.cross(r0, n));
       at::parallel_for(r0, r0 + n, grain(K), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          acc_t* row = O + i * K;
-          g.raw_row(i, row);
-          at::vec::map([](Vec v) { return at::vec::maximum(v, Vec(acc_t(0))); }, row, row, K);
-        }
+        for (int64_t i = begin; i < end; ++i) g.raw_row(i, O + i * K);
+        // the clamp over the rows as one flat run: a few centers (DeepSVDD: one) would otherwise cost a
+        // partial-vector load and store per row
+        acc_t* run = O + begin * K;
+        at::vec::map([](Vec v) { return at::vec::maximum(v, Vec(acc_t(0))); }, run, run, (end - begin) * K);
       });
     }
   });
@@ -181,8 +190,12 @@ Tensor cpu_center_sq_distances(
 //
 // The products: G is often sparse (CenterLoss's gradient reaches only each row's target column), so with at
 // most one nonzero in SPARSE_DIVISOR entries the two products run over the nonzeros only, O(nnz·D) instead of
-// two O(B·K·D) GEMMs (dM accumulated per thread, then summed); otherwise the two ATen GEMMs (addmm) run.
+// two O(B·K·D) GEMMs (dM accumulated per thread, then summed); so do they with at most ROW_LOOP_MAX_CENTERS
+// centers; otherwise the two ATen GEMMs (addmm) run.
 constexpr int64_t SPARSE_DIVISOR = 8;
+// with this few centers the "GEMMs" are rank-K updates: the row loop does the same products in one pass over
+// X, without addmm's copy of its (B, D) input and the rowsum(G)⊙X temporary (DeepSVDD/SAD: K = 1)
+constexpr int64_t ROW_LOOP_MAX_CENTERS = 8;
 
 std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const Tensor& grad,
@@ -287,7 +300,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const Tensor ma = centers.to(acc).contiguous();
     int64_t nnz = 0;
     for (int64_t v : row_nnz) nnz += v;
-    if (nnz * SPARSE_DIVISOR > B * K) {
+    if (nnz * SPARSE_DIVISOR > B * K && K > ROW_LOOP_MAX_CENTERS) {
       if (need_x) grad_x = at::addmm(G.sum(1, true) * xa, G, ma, 2.0, -2.0).to(x.scalar_type());
       if (need_m) grad_m = at::addmm(G.sum(0).unsqueeze(1) * ma, G.t(), xa, 2.0, -2.0).to(centers.scalar_type());
       return;
@@ -644,14 +657,14 @@ template <typename acc_t>
 acc_t raw_target(int64_t i, const acc_t* raw, const Geometry<acc_t>* g, const Label& l) {
   if (raw != nullptr) {
     if (l.has_target) return raw[l.y_safe];
-    return g != nullptr ? g->xn.template const_data_ptr<acc_t>()[i] : acc_t(0);
+    return g != nullptr ? g->XN[i] : acc_t(0);
   }
-  const acc_t xn = g->xn.template const_data_ptr<acc_t>()[i];
+  const acc_t xn = g->XN[i];
   if (!l.has_target) return xn;
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t D = g->D;
-  const acc_t* XA = g->xa.template const_data_ptr<acc_t>();
-  const acc_t* MA = g->ma.template const_data_ptr<acc_t>();
+  const acc_t* XA = g->XA;
+  const acc_t* MA = g->MA;
   const int64_t sx0 = g->xa.stride(0), sx1 = g->xa.stride(1), sm0 = g->ma.stride(0), sm1 = g->ma.stride(1);
   acc_t dot = 0;
   if (sx1 == 1 && sm1 == 1 && D > 0) {
@@ -664,7 +677,7 @@ acc_t raw_target(int64_t i, const acc_t* raw, const Geometry<acc_t>* g, const La
   } else {
     for (int64_t d = 0; d < D; ++d) dot += XA[i * sx0 + d * sx1] * MA[l.y_safe * sm0 + d * sm1];
   }
-  return (xn + g->mn.template const_data_ptr<acc_t>()[l.y_safe]) - acc_t(2) * dot;
+  return (xn + g->MN[l.y_safe]) - acc_t(2) * dot;
 }
 
 std::tuple<Tensor, Tensor> cpu_center_loss_fwd(

@@ -193,6 +193,16 @@ def test_sparse_distance_gradient_matches_the_dense_one(monkeypatch, backend):
     compare(backend, monkeypatch, center, [z, centers], blocks=DEFAULT)
 
 
+@pytest.mark.parametrize("n_centers", [1, 3, 8, 9])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_few_centers_dense_gradient_matches_the_reference(monkeypatch, backend, n_centers):
+    """A dense upstream gradient over K <= 8 centers: the C++ backward runs its row loop (rank-K updates in
+    one pass over X) instead of addmm; K = 9 takes the GEMMs. Both gradients equal the reference's."""
+    x, centers = features(40, 24, seed=8).requires_grad_(), features(n_centers, 24, seed=9).requires_grad_()
+    go = torch.randn(40, n_centers, generator=torch.Generator().manual_seed(10))
+    compare(backend, monkeypatch, ok.functional.pairwise_sq_distances, [x, centers], go, blocks=DEFAULT)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distance_backward_with_exact_zeros_matches_the_reference(monkeypatch, backend, dtype):
