@@ -357,6 +357,132 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
 }
 
 // ---------------------------------------------------------------------------------------------
+// distances to assigned centers (II's intra-class spread)
+// ---------------------------------------------------------------------------------------------
+
+void check_assigned(const Tensor& x, const Tensor& centers, const Tensor& index, const char* op) {
+  check_features(x, centers, op);
+  TORCH_CHECK(
+      index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == x.size(0),
+      "oodkernels::",
+      op,
+      ": expected a CPU int64 index of shape (",
+      x.size(0),
+      ",), got ",
+      index.scalar_type(),
+      " ",
+      index.sizes());
+  // an index out of [0, K) would read outside the centers: one scan of B integers rules it out
+  const Tensor idx = index.contiguous();
+  const int64_t* I = idx.const_data_ptr<int64_t>();
+  const int64_t K = centers.size(0);
+  for (int64_t i = 0; i < index.size(0); ++i) {
+    TORCH_CHECK(I[i] >= 0 && I[i] < K, "oodkernels::", op, ": index[", i, "] = ", I[i], " is not in [0, ", K, ")");
+  }
+}
+
+// s_i = Σ_d (x_id − m_{index_i, d})², one pass over the rows, accumulated in ACC, returned in the promoted dtype
+Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const Tensor& index) {
+  check_assigned(x, centers, index, "cpu_assigned_sq_distances");
+  const auto acc = acc_of(x, centers);
+  const auto out_dtype = at::promote_types(x.scalar_type(), centers.scalar_type());
+  const int64_t B = x.size(0), D = x.size(1);
+  Tensor out = at::empty({B}, x.options().dtype(acc));
+  if (B == 0) return out.to(out_dtype);
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_assigned_sq_distances", [&] {
+    using acc_t = scalar_t;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Tensor xa = x.to(acc).contiguous(), ma = centers.to(acc).contiguous(), idx = index.contiguous();
+    const acc_t* X = xa.const_data_ptr<acc_t>();
+    const acc_t* M = ma.const_data_ptr<acc_t>();
+    const int64_t* I = idx.const_data_ptr<int64_t>();
+    acc_t* O = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        O[i] = D == 0 ? acc_t(0)
+                      : at::vec::map2_reduce_all<acc_t>(
+                            [](Vec a, Vec b) {
+                              const Vec diff = a - b;
+                              return diff * diff;
+                            },
+                            [](Vec a, Vec b) { return a + b; },
+                            X + i * D,
+                            M + I[i] * D,
+                            D);
+      }
+    });
+  });
+  return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
+}
+
+// dX_i = 2·g_i·(x_i − m_{index_i}); dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c), each class's rows summed in row
+// order (a counting sort groups them; one class per task, so no partial sums and no atomics)
+std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
+    const Tensor& grad,
+    const Tensor& x,
+    const Tensor& centers,
+    const Tensor& index,
+    bool need_x,
+    bool need_m) {
+  check_assigned(x, centers, index, "cpu_assigned_sq_distances_grads");
+  const int64_t B = x.size(0), K = centers.size(0), D = x.size(1);
+  TORCH_CHECK(
+      grad.dim() == 1 && grad.size(0) == B,
+      "oodkernels::cpu_assigned_sq_distances_grads: grad must have shape (",
+      B,
+      ",), got ",
+      grad.sizes());
+  const auto acc = acc_of(x, centers);
+  Tensor grad_x = at::empty({0}, x.options()), grad_m = at::empty({0}, centers.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpu_assigned_sq_distances_grads", [&] {
+    using acc_t = scalar_t;
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Tensor xa = x.to(acc).contiguous(), ma = centers.to(acc).contiguous(), idx = index.contiguous();
+    const Tensor go = grad.to(acc).contiguous();
+    const acc_t* X = xa.const_data_ptr<acc_t>();
+    const acc_t* M = ma.const_data_ptr<acc_t>();
+    const acc_t* G = go.const_data_ptr<acc_t>();
+    const int64_t* I = idx.const_data_ptr<int64_t>();
+    if (need_x) {
+      Tensor gx = at::empty({B, D}, x.options().dtype(acc));
+      acc_t* GX = gx.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const Vec scale(acc_t(2) * G[i]);
+          at::vec::map2([scale](Vec a, Vec b) { return scale * (a - b); }, GX + i * D, X + i * D, M + I[i] * D, D);
+        }
+      });
+      grad_x = gx.scalar_type() == x.scalar_type() ? gx : gx.to(x.scalar_type());
+    }
+    if (need_m) {
+      // rows grouped by class, in row order: starts[c] .. starts[c + 1] of `order`
+      std::vector<int64_t> starts(K + 1, 0), order(B);
+      for (int64_t i = 0; i < B; ++i) ++starts[I[i] + 1];
+      for (int64_t c = 0; c < K; ++c) starts[c + 1] += starts[c];
+      std::vector<int64_t> next(starts.begin(), starts.end() - 1);
+      for (int64_t i = 0; i < B; ++i) order[next[I[i]]++] = i;
+      Tensor gm = at::zeros({K, D}, centers.options().dtype(acc));
+      acc_t* GM = gm.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          acc_t* out = GM + c * D;
+          const acc_t* m = M + c * D;
+          for (int64_t r = starts[c]; r < starts[c + 1]; ++r) {
+            const int64_t i = order[r];
+            const Vec gv(G[i]);
+            // out += g_i·(x_i − m_c)
+            at::vec::map3([gv](Vec o, Vec a, Vec b) { return o + gv * (a - b); }, out, out, X + i * D, m, D);
+          }
+          at::vec::map([](Vec o) { return Vec(acc_t(-2)) * o; }, out, out, D);
+        }
+      });
+      grad_m = gm.scalar_type() == centers.scalar_type() ? gm : gm.to(centers.scalar_type());
+    }
+  });
+  return {grad_x, grad_m};
+}
+
+// ---------------------------------------------------------------------------------------------
 // fused losses
 // ---------------------------------------------------------------------------------------------
 
@@ -791,6 +917,10 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
       "cpu_center_loss_bwd(Tensor grad_values, Tensor x, Tensor? centers, Tensor targets, Tensor? margin, "
       "Tensor stats, int kind, float p0, float p1, float p2, float p3, bool tf32, int block_b, int block_k, "
       "int block_d) -> Tensor");
+  m.def("cpu_assigned_sq_distances(Tensor x, Tensor centers, Tensor index) -> Tensor");
+  m.def(
+      "cpu_assigned_sq_distances_grads(Tensor grad, Tensor x, Tensor centers, Tensor index, bool need_x, "
+      "bool need_m) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
@@ -798,4 +928,6 @@ TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
   m.impl("cpu_center_sq_distances_grads", &cpu_center_sq_distances_grads);
   m.impl("cpu_center_loss_fwd", &cpu_center_loss_fwd);
   m.impl("cpu_center_loss_bwd", &cpu_center_loss_bwd);
+  m.impl("cpu_assigned_sq_distances", &cpu_assigned_sq_distances);
+  m.impl("cpu_assigned_sq_distances_grads", &cpu_assigned_sq_distances_grads);
 }

@@ -34,6 +34,7 @@ pytorch-ood's value; a ``torch.distributed`` group: the counts of the whole grou
 =================================  ==========================================================
 """
 
+from .ops import assigned_sq_distances  # noqa: F401  (IILoss's intra-class hook in oodkernels.loss)
 from .ops import background_class_loss
 from .ops import cac_distance_loss
 from .ops import cac_loss

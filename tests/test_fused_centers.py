@@ -203,6 +203,90 @@ def test_few_centers_dense_gradient_matches_the_reference(monkeypatch, backend, 
     compare(backend, monkeypatch, ok.functional.pairwise_sq_distances, [x, centers], go, blocks=DEFAULT)
 
 
+# ----------------------------------------------------------------------------------------------
+# distances to assigned centers (II's intra-class spread)
+# ----------------------------------------------------------------------------------------------
+
+
+def assigned(x, centers, index):
+    return ok.ops.assigned_sq_distances(x, centers, index)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_equal_reference(monkeypatch, backend, dtype, layout):
+    """70 rows over 5 centers, one of them assigned to no row (its gradient is 0), D = 150: several row tiles
+    and D slices in Triton; values, the features' and the centers' gradients against the reference."""
+    view = LAYOUTS[layout]
+    index = torch.tensor([0, 1, 3, 4] * 17 + [1, 0])  # center 2 is nobody's
+    x = features(70, 150, dtype=dtype, seed=11).requires_grad_()
+    centers = features(5, 150, dtype=dtype, seed=12).requires_grad_()
+    go = torch.randn(70, generator=torch.Generator().manual_seed(13), dtype=dtype)
+    value, grads = compare(backend, monkeypatch, lambda a, c: assigned(view(a), view(c), index), [x, centers], go)
+    assert value.dtype == dtype and value.shape == (70,)
+    assert grads[1][2].abs().max() == 0 and grads[1][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_mixed_dtypes(monkeypatch, backend):
+    """bf16 features and fp32 centers: accumulated in fp32, returned in the promoted fp32; gradients in each
+    input's dtype; close to the exact fp64 values (the reference rounds its bf16 difference, the kernels do not)."""
+    index = torch.tensor([2, 0, 1, 1, 0, 2, 2])
+    x = features(7, 33, dtype=torch.bfloat16, seed=14).requires_grad_()
+    centers = features(3, 33, seed=15).requires_grad_()
+    use_backend(monkeypatch, backend)
+    value = assigned(x, centers, index)
+    value.sum().backward()
+    assert value.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and centers.grad.dtype == torch.float32
+    exact = ref_centers.assigned_sq_distances(x.detach().double(), centers.detach().double(), index)
+    testing.assert_close(value.double(), exact, atol=1e-5, rtol=1e-5)
+    exact_grad = 2 * (x.detach().double() - centers.detach().double()[index])
+    testing.assert_close(x.grad.double(), exact_grad, *testing.tolerances(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_index_out_of_range(monkeypatch, backend):
+    """The C++ op raises naming the index; a Triton kernel cannot raise, so the row is NaN (never a number read
+    from outside the centers)."""
+    use_backend(monkeypatch, backend)
+    x, centers = features(4, 3), features(2, 3, seed=2)
+    index = torch.tensor([0, 2, 1, 0])
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match=r"index\[1\] = 2 is not in \[0, 2\)"):
+            assigned(x, centers, index)
+        return
+    value = assigned(x, centers, index)
+    assert value[1].isnan() and not value[[0, 2, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_gradcheck_opcheck_compile(monkeypatch, compile_reset, backend):
+    from torch.library import opcheck
+
+    use_backend(monkeypatch, backend)
+    index = torch.tensor([1, 0, 1, 3, 3, 0])
+    x = features(6, 5, dtype=torch.float64, seed=16).requires_grad_()
+    centers = features(4, 5, dtype=torch.float64, seed=17).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: assigned(a, c, index), (x, centers))
+    xs = x.detach().float().t().contiguous().t()  # transposed rows
+    opcheck(torch.ops.oodkernels.assigned_sq_distances.default, (xs.requires_grad_(), centers.detach().float(), index))
+    opcheck(torch.ops.oodkernels.assigned_sq_distances.default, (xs.detach()[:0], centers.detach().float(), index[:0]))
+    for need in ((True, True), (True, False), (False, True)):
+        args = (torch.randn(6), xs.detach(), centers.detach().float(), index, *need)
+        opcheck(torch.ops.oodkernels.assigned_sq_distances_grads.default, args)
+    eager_x = x.detach().float().requires_grad_()
+    eager = assigned(eager_x, centers.detach().float(), index).sum()
+    eager.backward()
+    compiled_x = x.detach().float().requires_grad_()
+    fn = torch.compile(lambda a: assigned(a, centers.detach().float(), index).sum(), fullgraph=True,
+                       backend="aot_eager")  # fmt: skip
+    compiled = fn(compiled_x)
+    compiled.backward()
+    testing.assert_close(compiled.detach(), eager.detach())
+    testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distance_backward_with_exact_zeros_matches_the_reference(monkeypatch, backend, dtype):
@@ -646,4 +730,7 @@ def test_fused_kernels_are_used(fused, monkeypatch):
     ok.functional.cac_loss(z, features(K, seed=2), labels("mixed"))
     ok.loss.DeepSVDDLoss(n_dim=D)(z)
     assert len(calls) == 4
+    spread = spy_calls(monkeypatch, center_ops._launchers(), "assigned_sq_distances")
+    ok.loss.IILoss(n_classes=K, n_embedding=D)(z, labels("mixed"))
+    assert spread == ["assigned_sq_distances"]
     assert ok.backend_info()["operations"]["mchad_loss"]["cuda"] == "triton"

@@ -50,7 +50,7 @@ for name in ("outlier_exposure_loss", "center_distance_loss", "sq_distances"):
 calls = []
 for op in (
     "cpu_row_loss_reduced_step", "cpu_center_sq_distances", "cpu_center_sq_distances_grads",
-    "cpu_center_loss_fwd", "cpu_center_loss_bwd",
+    "cpu_center_loss_fwd", "cpu_center_loss_bwd", "cpu_assigned_sq_distances", "cpu_assigned_sq_distances_grads",
 ):
     original = getattr(torch.ops.oodkernels, op)
 
@@ -92,6 +92,19 @@ for got, expected in zip(grads, ref_grads):
 assert sorted(set(calls)) == [
     "cpu_center_loss_bwd", "cpu_center_loss_fwd", "cpu_center_sq_distances", "cpu_center_sq_distances_grads"
 ], calls
+
+# II: the intra-class spread and the class-mean distances, gradients for the features
+calls.clear()
+ii, ref_ii = ok.IILoss(n_classes=4, n_embedding=6), ok.reference.IILoss(n_classes=4, n_embedding=6)
+z = torch.randn(8, 6, generator=gen, requires_grad=True)
+loss = ii(z, y)
+(grad,) = torch.autograd.grad(loss, z)
+ref_z = z.detach().clone().requires_grad_()
+ref_loss = ref_ii(ref_z, y)
+(ref_grad,) = torch.autograd.grad(ref_loss, ref_z)
+testing.assert_close(loss, ref_loss, atol=1e-5, rtol=5e-4)
+testing.assert_close(grad, ref_grad, atol=1e-5, rtol=5e-4)
+assert {"cpu_assigned_sq_distances", "cpu_assigned_sq_distances_grads", "cpu_center_sq_distances"} <= set(calls)
 
 # the Triton launcher modules were never imported, and triton stayed unimportable
 assert "oodkernels.kernels.rows" not in sys.modules and "oodkernels.kernels.centers" not in sys.modules

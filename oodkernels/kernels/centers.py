@@ -551,6 +551,102 @@ def _sq_distances_kernel(
     tl.store(Out + rows[:, None] * stride_o_b + cols[None, :] * stride_o_k, result.to(Out.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _assigned_sq_distances_kernel(
+    X,  # (B, D)
+    M,  # (K, D)
+    Index,  # (B,) int64
+    Grad,  # (B,) upstream gradient (WITH_GRAD only)
+    Out,  # (B,) distances (out dtype), or (B, D) dX with WITH_GRAD
+    n_rows,
+    n_centers,
+    n_dim,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    stride_g,
+    stride_o_b,
+    stride_o_d,
+    WITH_GRAD: tl.constexpr,
+    USE_FP64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``BLOCK_B`` rows of ``s_i = Σ_d (x_id − m_{index_i, d})²`` (forward), or of ``dX_i = 2·g_i·(x_i − m_{index_i})``.
+
+    An index outside [0, K) reads no center (the load is masked) and gives NaN: a GPU kernel cannot raise, and
+    no number is made up for it.
+    """
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    idx = tl.load(Index + rows, mask=row_mask, other=0)
+    valid = (idx >= 0) & (idx < n_centers)
+    if WITH_GRAD:
+        scale = 2.0 * tl.load(Grad + rows * stride_g, mask=row_mask, other=0.0).to(ACC)
+        scale = tl.where(valid, scale, float("nan"))
+    else:
+        total = tl.zeros([BLOCK_B], ACC)
+    for d0 in range(0, n_dim, BLOCK_D):
+        dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        tile = row_mask[:, None] & (dd < n_dim)[None, :]
+        xb = tl.load(X + rows[:, None] * stride_x_b + dd[None, :] * stride_x_d, mask=tile, other=0.0).to(ACC)
+        mb = tl.load(
+            M + idx[:, None] * stride_m_k + dd[None, :] * stride_m_d, mask=tile & valid[:, None], other=0.0
+        ).to(ACC)
+        diff = xb - mb
+        if WITH_GRAD:
+            out = (scale[:, None] * diff).to(Out.dtype.element_ty)
+            tl.store(Out + rows[:, None] * stride_o_b + dd[None, :] * stride_o_d, out, mask=tile)
+        else:
+            total += tl.sum(diff * diff, axis=1)
+    if not WITH_GRAD:
+        total = tl.where(valid, total, float("nan"))
+        tl.store(Out + rows * stride_o_b, total.to(Out.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _assigned_center_grads_kernel(
+    X,  # (B, D)
+    M,  # (K, D)
+    Grad,  # (B,)
+    Order,  # (B,) int64: the rows grouped by class (a stable sort of the indices)
+    Starts,  # (K + 1,) int64: class c's rows are Order[Starts[c]:Starts[c + 1]]
+    Out,  # (K, D) dM
+    n_dim,
+    stride_x_b,
+    stride_x_d,
+    stride_m_k,
+    stride_m_d,
+    stride_g,
+    stride_o_k,
+    stride_o_d,
+    USE_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c)`` for one class and ``BLOCK_D`` dimensions: the class's rows
+    in order, ``BLOCK_R`` at a time. One program owns each output, so no atomics and the sum is deterministic."""
+    ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
+    c = tl.program_id(0).to(tl.int64)
+    dd = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dd < n_dim
+    start = tl.load(Starts + c)
+    end = tl.load(Starts + c + 1)
+    m = tl.load(M + c * stride_m_k + dd * stride_m_d, mask=dmask, other=0.0).to(ACC)
+    total = tl.zeros([BLOCK_D], ACC)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < end
+        i = tl.load(Order + r, mask=rmask, other=0)
+        g = tl.load(Grad + i * stride_g, mask=rmask, other=0.0).to(ACC)
+        xb = tl.load(X + i[:, None] * stride_x_b + dd[None, :] * stride_x_d, mask=rmask[:, None] & dmask[None, :],
+                     other=0.0).to(ACC)  # fmt: skip
+        total += tl.sum(g[:, None] * (xb - m[None, :]), axis=0)
+    tl.store(Out + c * stride_o_k + dd * stride_o_d, (-2.0 * total).to(Out.dtype.element_ty), mask=dmask)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -696,6 +792,72 @@ def sq_distances_grad(
         BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+def _assigned_blocks(n_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(BLOCK_B, BLOCK_D)`` of the assigned-distance kernels: up to 128 contiguous elements of a row per load
+    (fp64: 64), 16 rows; both powers of two (the interpreter's small shapes get small tiles)."""
+    cap = 64 if dtype == torch.float64 else 128
+    return 16, min(cap, max(16, triton.next_power_of_2(max(n_dim, 1))))
+
+
+def assigned_sq_distances(
+    x: torch.Tensor, centers: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Launch the assigned-distance forward: (B,) ``Σ_d (x_id − m_{index_i, d})²`` in ``out_dtype``."""
+    acc = acc_dtype(x, centers)
+    n_rows, n_dim = x.shape
+    out = torch.empty((n_rows,), dtype=out_dtype, device=x.device)
+    if n_rows == 0:
+        return out
+    bb, bd = _assigned_blocks(n_dim, acc)
+    _assigned_sq_distances_kernel[(triton.cdiv(n_rows, bb),)](
+        X=x, M=centers, Index=index, Grad=out, Out=out, n_rows=n_rows, n_centers=centers.shape[0], n_dim=n_dim,
+        stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0), stride_m_d=centers.stride(1),
+        stride_g=0, stride_o_b=out.stride(0), stride_o_d=0, WITH_GRAD=False, USE_FP64=acc == torch.float64,
+        BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def assigned_sq_distances_grads(
+    grad: torch.Tensor, x: torch.Tensor, centers: torch.Tensor, index: torch.Tensor, need_x: bool, need_m: bool
+):
+    """``(dX or None, dM or None)`` of the assigned distances, in the inputs' dtypes.
+
+    ``dM`` groups the rows by class with device torch ops (a stable argsort of the indices, their bincount and
+    its cumulative sum: three launches, no host read), then one program per (class, D slice) sums its rows.
+    """
+    acc = acc_dtype(x, centers)
+    n_rows, n_dim = x.shape
+    n_centers = centers.shape[0]
+    bb, bd = _assigned_blocks(n_dim, acc)
+    grad_x = grad_m = None
+    if need_x:
+        grad_x = torch.empty((n_rows, n_dim), dtype=x.dtype, device=x.device)
+        if n_rows > 0 and n_dim > 0:
+            _assigned_sq_distances_kernel[(triton.cdiv(n_rows, bb),)](
+                X=x, M=centers, Index=index, Grad=grad, Out=grad_x, n_rows=n_rows, n_centers=n_centers,
+                n_dim=n_dim, stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0),
+                stride_m_d=centers.stride(1), stride_g=grad.stride(0), stride_o_b=grad_x.stride(0),
+                stride_o_d=grad_x.stride(1), WITH_GRAD=True, USE_FP64=acc == torch.float64, BLOCK_B=bb,
+                BLOCK_D=bd, num_warps=4,
+            )  # fmt: skip
+    if need_m:
+        grad_m = torch.empty((n_centers, n_dim), dtype=centers.dtype, device=x.device)
+        if n_centers > 0 and n_dim > 0:
+            order = torch.argsort(index, stable=True)
+            starts = torch.zeros(n_centers + 1, dtype=torch.int64, device=x.device)
+            # indices >= K (NaN rows of the forward) sort after every class and are left out
+            torch.cumsum(torch.bincount(index, minlength=n_centers)[:n_centers], 0, out=starts[1:])
+            _assigned_center_grads_kernel[(n_centers, triton.cdiv(n_dim, bd))](
+                X=x, M=centers, Grad=grad, Order=order, Starts=starts, Out=grad_m, n_dim=n_dim,
+                stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0),
+                stride_m_d=centers.stride(1), stride_g=grad.stride(0), stride_o_k=grad_m.stride(0),
+                stride_o_d=grad_m.stride(1), USE_FP64=acc == torch.float64, BLOCK_R=2 * bb, BLOCK_D=bd,
+                num_warps=4,
+            )  # fmt: skip
+    return grad_x, grad_m
 
 
 def _geometry(x: torch.Tensor, centers):

@@ -12,7 +12,8 @@ on CUDA tensors, and on CPU under ``TRITON_INTERPRET=1`` with ``OODKERNELS_BACKE
   their per-row cross-entropy and (weighted) energy through ``ce_and_energy`` (one fused read of the
   logits); queues, sampling and the batch-coupled terms are device torch ops;
 - CACLoss, CenterLoss and MCHADLoss: ``distance(z)`` (fused distance kernel) and ``forward(distances, y)``
-  (fused loss epilogue); IILoss, DeepSVDDLoss and DeepSADLoss: their distances, with the O(B) rest in torch.
+  (fused loss epilogue); IILoss, DeepSVDDLoss and DeepSADLoss: their distances (II's intra-class spread
+  too), with the O(B) rest in torch.
 
 :func:`oodkernels.backend_info` reports what runs where.
 
@@ -74,6 +75,8 @@ def _fused_center_criterion(reference_class, loss_fn=None):
     hooks = {"_sq_distances_fn": staticmethod(_functional.sq_distances)}
     if loss_fn is not None:
         hooks["_loss_fn"] = staticmethod(loss_fn)
+    if hasattr(reference_class, "_assigned_sq_distances_fn"):
+        hooks["_assigned_sq_distances_fn"] = staticmethod(_functional.assigned_sq_distances)
     return type(
         reference_class.__name__,
         (reference_class,),
@@ -82,7 +85,8 @@ def _fused_center_criterion(reference_class, loss_fn=None):
 
 
 # distance(z) runs the fused distance kernel and forward(distances, y) the fused loss epilogue; II and the
-# one-center criteria compute their distances with the fused kernel and the O(B) rest in torch
+# one-center criteria compute their distances with the fused kernels (II's intra-class spread too) and the
+# O(B) or O(K·D) rest in torch
 CACLoss = _fused_center_criterion(_reference_distance_criteria.CACLoss, _functional.cac_distance_loss)
 CenterLoss = _fused_center_criterion(_reference_distance_criteria.CenterLoss, _functional.center_distance_loss)
 MCHADLoss = _fused_center_criterion(_reference_distance_criteria.MCHADLoss, _functional.mchad_distance_loss)

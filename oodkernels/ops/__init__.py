@@ -69,6 +69,7 @@ REFERENCE: dict[str, Callable] = {
     "vos_reg_loss": _ref_vos.vos_reg_loss,
     "pairwise_distances": _ref_centers.pairwise_distances,
     "sq_distances": _ref_centers.sq_distances,
+    "assigned_sq_distances": _ref_centers.assigned_sq_distances,
     "pairwise_sq_distances": _ref_centers.pairwise_sq_distances,
     "center_loss": _ref_distances.center_loss,
     "cac_loss": _ref_distances.cac_loss,
@@ -110,6 +111,7 @@ CPP_OPERATIONS = (
     "paired_energy_margin",
     "pairwise_distances",
     "sq_distances",
+    "assigned_sq_distances",
     "pairwise_sq_distances",
     "center_loss",
     "cac_loss",
@@ -286,6 +288,7 @@ objectosphere_loss = _dispatched("objectosphere_loss")
 vos_reg_loss = _dispatched("vos_reg_loss")
 pairwise_distances = _dispatched("pairwise_distances")
 sq_distances = _dispatched("sq_distances")
+assigned_sq_distances = _dispatched("assigned_sq_distances")
 pairwise_sq_distances = _dispatched("pairwise_sq_distances")
 center_loss = _dispatched("center_loss")
 cac_loss = _dispatched("cac_loss")

@@ -14,6 +14,14 @@ Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints
     bytes) instead of recomputing the norms and the ``2·B·K·D``-FLOP cross term. The two products are
     ``torch.addmm`` GEMMs; the C++ implementation runs them over the nonzeros of ``G`` only when at most one
     entry in eight is nonzero (CenterLoss's ``G`` has one per row), ``O(nnz·D)`` instead of ``O(B·K·D)``.
+``assigned_sq_distances(x, centers, index) -> Tensor``
+    (B, D), (K, D), (B,) int64 in [0, K) -> (B,) ``s_i = Σ_d (x_id − m_{index_i, d})²`` by differences (II's
+    intra-class spread; no expansion, no clamp), accumulated in fp32 (fp64 when either input is fp64) and
+    returned in the promoted dtype. One pass over X; differentiable in ``x`` and ``centers``.
+``assigned_sq_distances_grads(grad, x, centers, index, need_x, need_m) -> (dX, dM)``
+    ``dX_i = 2·g_i·(x_i − m_{index_i})``, ``dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c)`` in the inputs'
+    dtypes ((0,) for an input that needs no gradient). ``dM`` sums each class's rows in row order (rows
+    grouped by a stable sort of ``index``): deterministic, no atomics.
 ``center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)``
     -> ``(values (B,), stats (3, B))`` in fp32/fp64. ``kind``: 0 CAC (p0 = α), 1 Center (p0 = r), 2 MCHAD
     (p0 = r, p1..p3 = w_center, w_nll, w_oe, ``margin`` a one-element tensor). ``centers=None`` means ``x`` is
@@ -29,8 +37,9 @@ with ``torch.addmm`` in fp32 (fp64), skipping ``dM`` when the centers need no gr
 ops raise in their own backward: double backward through the fused kernels is not supported.
 
 Each op dispatches at call time: CPU tensors go to the C++ implementations in ``csrc/centers.cpp``
-(``oodkernels::cpu_center_sq_distances`` / ``cpu_center_sq_distances_grads`` / ``cpu_center_loss_fwd`` /
-``cpu_center_loss_bwd``, same arguments and outputs) when :func:`oodkernels.ops.select_backend` picks the cpp
+(``oodkernels::cpu_center_sq_distances`` / ``cpu_center_sq_distances_grads`` / ``cpu_assigned_sq_distances`` /
+``cpu_assigned_sq_distances_grads`` / ``cpu_center_loss_fwd`` / ``cpu_center_loss_bwd``, same arguments and
+outputs) when :func:`oodkernels.ops.select_backend` picks the cpp
 backend for the center family (auto with the extension built, or ``OODKERNELS_BACKEND=cpp``); everything else
 goes to the Triton launchers (CUDA, or CPU under ``TRITON_INTERPRET=1``). There the cross term is an ATen GEMM
 on chunks of rows (``block_b > 0`` sets the rows per chunk), ``tf32``, ``block_k`` and ``block_d`` are unused.
@@ -210,6 +219,64 @@ def _dist_backward(ctx, grad):
 center_sq_distances.register_autograd(_dist_backward, setup_context=_dist_setup_context)
 center_sq_distances_grads.register_autograd(
     _raise_double_backward("center_sq_distances_grads"), setup_context=_no_context
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# distances to assigned centers (II's intra-class spread)
+# ----------------------------------------------------------------------------------------------
+
+
+def _promoted(x: Tensor, centers: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, centers.dtype)
+
+
+@torch.library.custom_op("oodkernels::assigned_sq_distances", mutates_args=())
+def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_assigned_sq_distances(x, centers, index)
+    return _launchers().assigned_sq_distances(x, centers, index, _promoted(x, centers))
+
+
+@assigned_sq_distances.register_fake
+def _(x, centers, index):
+    return x.new_empty((x.shape[0],), dtype=_promoted(x, centers))
+
+
+@torch.library.custom_op("oodkernels::assigned_sq_distances_grads", mutates_args=())
+def assigned_sq_distances_grads(
+    grad: Tensor, x: Tensor, centers: Tensor, index: Tensor, need_x: bool, need_m: bool
+) -> tuple[Tensor, Tensor]:
+    if _on_cpp(x):
+        return torch.ops.oodkernels.cpu_assigned_sq_distances_grads(grad, x, centers, index, need_x, need_m)
+    grad_x, grad_m = _launchers().assigned_sq_distances_grads(grad, x, centers, index, need_x, need_m)
+    return (x.new_empty((0,)) if grad_x is None else grad_x, centers.new_empty((0,)) if grad_m is None else grad_m)
+
+
+@assigned_sq_distances_grads.register_fake
+def _(grad, x, centers, index, need_x, need_m):
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,))
+    grad_m = torch.empty_like(centers, memory_format=torch.contiguous_format) if need_m else centers.new_empty((0,))
+    return grad_x, grad_m
+
+
+def _assigned_setup_context(ctx, inputs, output):
+    x, centers, index = inputs
+    ctx.save_for_backward(x, centers, index)
+
+
+def _assigned_backward(ctx, grad):
+    x, centers, index = ctx.saved_tensors
+    need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_x or need_m):
+        return None, None, None
+    grad_x, grad_m = torch.ops.oodkernels.assigned_sq_distances_grads(grad, x, centers, index, need_x, need_m)
+    return (grad_x if need_x else None), (grad_m if need_m else None), None
+
+
+assigned_sq_distances.register_autograd(_assigned_backward, setup_context=_assigned_setup_context)
+assigned_sq_distances_grads.register_autograd(
+    _raise_double_backward("assigned_sq_distances_grads"), setup_context=_no_context
 )
 
 

@@ -10,13 +10,15 @@ per-row terms run in the kernels (:mod:`oodkernels.ops.center_ops`); the reducti
 ``sq_distances``            (B, D), (K, D) -> (B, K) clamped expansion (the hook of every ``distance()``)
 ``pairwise_sq_distances``   the same, output in the features' dtype, with the public checks
 ``pairwise_distances``      pytorch-ood's ``pairwise_distances(x, y=x)``, promoted dtype
+``assigned_sq_distances``   (B, D), (K, D), (B,) -> (B,) each row's distance to its own center by differences
 ``*_distance_loss``         CAC / Center / MCHAD from a (B, K) distance matrix (the modules' ``forward``)
 ``cac_loss`` etc.           one call from features and centers: the (B, K) matrix is never written
 ==========================  ===================================================================================
 
 DeepSVDD/SAD (K = 1) and IILoss use ``sq_distances`` through their hooks: their distance output is O(B)
-(SVDD/SAD) or (B, K) / (K, K) for II, whose intra-class term is a direct difference to the batch means in the
-reference (kept there, O(B·D) elementwise).
+(SVDD/SAD) or (B, K) / (K, K) for II; II's intra-class spread ``‖z_i − μ_{y_i}‖²`` (a direct difference to
+the batch means) runs ``assigned_sq_distances`` through its own hook, one pass over the features instead of
+the reference's gather, difference, square and sum (and their four backward passes).
 """
 
 from __future__ import annotations
@@ -187,9 +189,16 @@ def mchad_loss(
     )  # fmt: skip
 
 
+def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
+    """Fused :func:`oodkernels.reference.centers.assigned_sq_distances`: (B, D), (K, D), (B,) -> (B,), no
+    checks (the caller owns the indices' range)."""
+    return torch.ops.oodkernels.assigned_sq_distances(x, centers, index)
+
+
 #: dispatched operation name -> fused implementation
 FUSED = {
     "sq_distances": sq_distances,
+    "assigned_sq_distances": assigned_sq_distances,
     "pairwise_sq_distances": pairwise_sq_distances,
     "pairwise_distances": pairwise_distances,
     "cac_distance_loss": cac_distance_loss,

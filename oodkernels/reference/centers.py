@@ -41,6 +41,17 @@ def sq_distances(x: Tensor, y: Tensor, out_dtype: Optional[torch.dtype] = None) 
     return dist.clamp(min=0.0).to(out_dtype)
 
 
+def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
+    """Squared distance of each row to its own center, summed over the differences (not the expansion).
+
+    ``s_i = Σ_d (x_id − m_{index_i, d})²``; (B, D) features, (K, D) centers, (B,) int64 indices in [0, K)
+    -> (B,) in the promoted dtype of ``x`` and ``centers``. II's intra-class spread
+    (``‖z_i − μ_{y_i}‖²``, LOSS_CONTRACT §3.13), where no clamp and no cancellation of the expansion belong.
+    No checks: the caller owns the indices' range.
+    """
+    return (x - centers.index_select(0, index)).pow(2).sum(1)
+
+
 def pairwise_distances(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
     """Pairwise squared Euclidean distances by expansion, clamped at 0.
 

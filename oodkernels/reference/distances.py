@@ -45,6 +45,7 @@ from ._distributed import check_process_group
 from ._distributed import group_size
 from .centers import ClassCenters
 from .centers import RunningCenters
+from .centers import assigned_sq_distances
 from .centers import class_means
 from .centers import sq_distances
 from .logits import CrossEntropyLoss
@@ -499,9 +500,10 @@ class IILoss(nn.Module):
         ),
     )
 
-    #: the distance function of ``distance``, ``predict`` and the class-mean pairs; :mod:`oodkernels.loss` swaps
-    #: in the dispatched one
+    #: the distance function of ``distance``, ``predict`` and the class-mean pairs, and the rows' distances to
+    #: their own class mean; :mod:`oodkernels.loss` swaps in the dispatched ones
     _sq_distances_fn = staticmethod(sq_distances)
+    _assigned_sq_distances_fn = staticmethod(assigned_sq_distances)
 
     def __init__(self, n_classes: int, n_embedding: int, alpha: float = 1.0, *, process_group=None):
         """
@@ -570,7 +572,7 @@ class IILoss(nn.Module):
             mu = self.running_centers.running_centers.to(acc)
 
         index = target.long().clamp(0, max(n_classes - 1, 0))
-        spread = (xs - mu.index_select(0, index)).pow(2).sum(1)
+        spread = self._assigned_sq_distances_fn(xs, mu, index)
         spread = torch.where(is_id & ~usable, torch.full_like(spread, float("nan")), spread)
         if self.process_group is None:
             intra = masked_mean(spread, is_id)
