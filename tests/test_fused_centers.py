@@ -246,6 +246,20 @@ def test_assigned_sq_distances_mixed_dtypes(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_strided_index_and_bad_metadata(monkeypatch, backend):
+    """A strided index view reads as its values; a wrong index dtype or shape is an error naming it."""
+    use_backend(monkeypatch, backend)
+    x, centers = features(5, 3), features(3, 3, seed=2)
+    index = torch.tensor([0, 9, 2, 9, 1, 9, 2, 9, 0, 9])[::2]
+    expected = ref_centers.assigned_sq_distances(x, centers, index)
+    testing.assert_close(assigned(x, centers, index), expected, atol=FP32[0], rtol=FP32[1])
+    with pytest.raises(ValueError, match=r"index: expected int64 of shape \(5,\), got torch.int32"):
+        assigned(x, centers, index.int())
+    with pytest.raises(ValueError, match=r"index: expected int64 of shape \(5,\), got torch.int64 of shape \(4,\)"):
+        assigned(x, centers, index[:4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_assigned_sq_distances_index_out_of_range(monkeypatch, backend):
     """The C++ op raises naming the index; a Triton kernel cannot raise, so the row is NaN (never a number read
     from outside the centers)."""

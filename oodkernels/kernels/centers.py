@@ -810,6 +810,7 @@ def assigned_sq_distances(
     out = torch.empty((n_rows,), dtype=out_dtype, device=x.device)
     if n_rows == 0:
         return out
+    index = index.contiguous()  # the kernel reads it as one run
     bb, bd = _assigned_blocks(n_dim, acc)
     _assigned_sq_distances_kernel[(triton.cdiv(n_rows, bb),)](
         X=x, M=centers, Index=index, Grad=out, Out=out, n_rows=n_rows, n_centers=centers.shape[0], n_dim=n_dim,
@@ -832,6 +833,7 @@ def assigned_sq_distances_grads(
     n_rows, n_dim = x.shape
     n_centers = centers.shape[0]
     bb, bd = _assigned_blocks(n_dim, acc)
+    index = index.contiguous()  # the kernel reads it as one run
     grad_x = grad_m = None
     if need_x:
         grad_x = torch.empty((n_rows, n_dim), dtype=x.dtype, device=x.device)

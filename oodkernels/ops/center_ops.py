@@ -231,8 +231,23 @@ def _promoted(x: Tensor, centers: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, centers.dtype)
 
 
+def _check_assigned(x: Tensor, centers: Tensor, index: Tensor) -> None:
+    """The metadata both backends need (the values of ``index`` are the C++ op's to check: no host read here)."""
+    if x.dim() != 2 or centers.dim() != 2 or centers.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"assigned_sq_distances: expected x (B, D) and centers (K, D), got {tuple(x.shape)} and "
+            f"{tuple(centers.shape)}"
+        )
+    if index.dtype != torch.int64 or index.shape != (x.shape[0],):
+        raise ValueError(
+            f"assigned_sq_distances: index: expected int64 of shape ({x.shape[0]},), got {index.dtype} of shape "
+            f"{tuple(index.shape)}"
+        )
+
+
 @torch.library.custom_op("oodkernels::assigned_sq_distances", mutates_args=())
 def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
+    _check_assigned(x, centers, index)
     if _on_cpp(x):
         return torch.ops.oodkernels.cpu_assigned_sq_distances(x, centers, index)
     return _launchers().assigned_sq_distances(x, centers, index, _promoted(x, centers))
@@ -240,6 +255,7 @@ def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
 
 @assigned_sq_distances.register_fake
 def _(x, centers, index):
+    _check_assigned(x, centers, index)
     return x.new_empty((x.shape[0],), dtype=_promoted(x, centers))
 
 
