@@ -301,30 +301,59 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     int64_t nnz = 0;
     for (int64_t v : row_nnz) nnz += v;
     if (nnz * SPARSE_DIVISOR > B * K && K > ROW_LOOP_MAX_CENTERS) {
-      if (need_x) grad_x = at::addmm(G.sum(1, true) * xa, G, ma, 2.0, -2.0).to(x.scalar_type());
-      if (need_m) grad_m = at::addmm(G.sum(0).unsqueeze(1) * ma, G.t(), xa, 2.0, -2.0).to(centers.scalar_type());
+      // the GEMM into a fresh output, then 2·(sum(G)⊙operand − product) in place, one pass: addmm would first
+      // copy a (B, D) rowsum(G)⊙X temporary into its output (two more passes and an allocation)
+      auto gemm_then_rank_one = [&](Tensor& product, const Tensor& operand, const Tensor& totals) {
+        acc_t* P = product.mutable_data_ptr<acc_t>();
+        const acc_t* A = operand.const_data_ptr<acc_t>();
+        const acc_t* T = totals.const_data_ptr<acc_t>();
+        at::parallel_for(0, product.size(0), grain(D), [&](int64_t begin, int64_t end) {
+          const Vec two(acc_t(2));
+          for (int64_t r = begin; r < end; ++r) {
+            const Vec scale(acc_t(2) * T[r]);
+            at::vec::map2(
+                [scale, two](Vec p, Vec a) { return scale * a - two * p; }, P + r * D, P + r * D, A + r * D, D);
+          }
+        });
+      };
+      if (need_x) {
+        Tensor product = at::mm(G, ma).contiguous();  // (B, D)
+        gemm_then_rank_one(product, xa, G.sum(1));
+        grad_x = product.to(x.scalar_type());
+      }
+      if (need_m) {
+        Tensor product = at::mm(G.t(), xa).contiguous();  // (K, D)
+        gemm_then_rank_one(product, ma, G.sum(0));
+        grad_m = product.to(centers.scalar_type());
+      }
       return;
     }
     const acc_t* X = xa.const_data_ptr<acc_t>();
     const acc_t* M = ma.const_data_ptr<acc_t>();
     if (need_x) {
-      Tensor gx = at::zeros({B, D}, x.options().dtype(acc));
+      // every row is written whole (no zero fill of the (B, D) output first): 2·rowsum(G)_i·x_i, then the
+      // nonzeros' −2·g·m_c
+      Tensor gx = at::empty({B, D}, x.options().dtype(acc));
       acc_t* GX = gx.mutable_data_ptr<acc_t>();
       at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          if (row_nnz[i] == 0) continue;
           acc_t* out = GX + i * D;
+          if (row_nnz[i] == 0) {
+            std::fill(out, out + D, acc_t(0));
+            continue;
+          }
+          const acc_t* g_row = O + i * K;
           acc_t rowsum = 0;
+          for (int64_t c = 0; c < K; ++c) rowsum += g_row[c];
+          const Vec scale(acc_t(2) * rowsum);
+          at::vec::map([scale](Vec xv) { return scale * xv; }, out, X + i * D, D);
           for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
-            const acc_t gv = O[i * K + c];
+            const acc_t gv = g_row[c];
             if (gv == acc_t(0)) continue;
             ++seen;
-            rowsum += gv;
             // out −= 2·g·m_c
             at::vec::map2([gv](Vec o, Vec m) { return o - Vec(acc_t(2) * gv) * m; }, out, out, M + c * D, D);
           }
-          const acc_t scale = acc_t(2) * rowsum;
-          at::vec::map2([scale](Vec o, Vec xv) { return o + Vec(scale) * xv; }, out, out, X + i * D, D);
         }
       });
       grad_x = gx.to(x.scalar_type());
