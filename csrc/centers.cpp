@@ -191,10 +191,10 @@ Tensor cpu_center_sq_distances(
 // The products: G is often sparse (CenterLoss's gradient reaches only each row's target column), so with at
 // most one nonzero in SPARSE_DIVISOR entries the two products run over the nonzeros only, O(nnz·D) instead of
 // two O(B·K·D) GEMMs (dM accumulated per thread, then summed); so do they with at most ROW_LOOP_MAX_CENTERS
-// centers; otherwise the two ATen GEMMs (addmm) run.
+// centers; otherwise two ATen GEMMs (at::mm) run, each followed by one in-place pass for the sum(G) term.
 constexpr int64_t SPARSE_DIVISOR = 8;
 // with this few centers the "GEMMs" are rank-K updates: the row loop does the same products in one pass over
-// X, without addmm's copy of its (B, D) input and the rowsum(G)⊙X temporary (DeepSVDD/SAD: K = 1)
+// X, where a GEMM call would cost more than its few FLOPs (DeepSVDD/SAD: K = 1)
 constexpr int64_t ROW_LOOP_MAX_CENTERS = 8;
 
 std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(

@@ -306,7 +306,9 @@ def test_assigned_sq_distances_gradcheck_opcheck_compile(monkeypatch, compile_re
 def test_distance_backward_with_exact_zeros_matches_the_reference(monkeypatch, backend, dtype):
     """Centers that duplicate some features, in small integers (every product and sum exact in any order, so
     the raw expansion of a duplicate is exactly 0 on every backend): the distance matrix holds exact zeros in
-    some 4 x 4 tiles (C++: 4-row chunks) and none in others, and the gradients equal the reference's."""
+    some 4 x 4 tiles (C++: 4-row chunks) and none in others, so the recompute path runs beside the plain mask
+    path, in bf16/fp16/fp32, and the values and gradients equal the reference's. (At a duplicate x_i = m_k the
+    pass/stop decision multiplies x_i − m_k = 0, so it is observed in the two tests above, not here.)"""
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-3, 4, (12, 6), generator=g).to(dtype)
     m = torch.cat([x[[1, 6]], torch.randint(-3, 4, (6, 6), generator=g).to(dtype)])

@@ -826,8 +826,8 @@ def assigned_sq_distances_grads(
 ):
     """``(dX or None, dM or None)`` of the assigned distances, in the inputs' dtypes.
 
-    ``dM`` groups the rows by class with device torch ops (a stable argsort of the indices, their bincount and
-    its cumulative sum: three launches, no host read), then one program per (class, D slice) sums its rows.
+    ``dM`` groups the rows by class with device torch ops (a stable sort of the indices and a searchsorted of
+    the class boundaries: no host read), then one program per (class, D slice) sums its rows.
     """
     acc = acc_dtype(x, centers)
     n_rows, n_dim = x.shape
@@ -848,10 +848,12 @@ def assigned_sq_distances_grads(
     if need_m:
         grad_m = torch.empty((n_centers, n_dim), dtype=centers.dtype, device=x.device)
         if n_centers > 0 and n_dim > 0:
-            order = torch.argsort(index, stable=True)
-            starts = torch.zeros(n_centers + 1, dtype=torch.int64, device=x.device)
-            # indices >= K (NaN rows of the forward) sort after every class and are left out
-            torch.cumsum(torch.bincount(index, minlength=n_centers)[:n_centers], 0, out=starts[1:])
+            sorted_index, order = torch.sort(index, stable=True)
+            # class c's rows start at the first sorted index >= c; out-of-range indices (NaN rows of the
+            # forward) sort before class 0 or after class K - 1 and are left out. No bincount: on CUDA it reads
+            # the indices' maximum back to the host to size its output
+            classes = torch.arange(n_centers + 1, dtype=torch.int64, device=x.device)
+            starts = torch.searchsorted(sorted_index, classes)
             _assigned_center_grads_kernel[(n_centers, triton.cdiv(n_dim, bd))](
                 X=x, M=centers, Grad=grad, Order=order, Starts=starts, Out=grad_m, n_dim=n_dim,
                 stride_x_b=x.stride(0), stride_x_d=x.stride(1), stride_m_k=centers.stride(0),

@@ -12,8 +12,9 @@ Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints
     recomputed, bitwise as the forward computed it, to pass ``raw == 0`` and stop ``raw < 0``. No distance
     GEMM runs otherwise: the mask reads ``grad`` and ``dist`` and writes ``G`` (B·K·(s_grad + s_dist + 4)
     bytes) instead of recomputing the norms and the ``2·B·K·D``-FLOP cross term. The two products are
-    ``torch.addmm`` GEMMs; the C++ implementation runs them over the nonzeros of ``G`` only when at most one
-    entry in eight is nonzero (CenterLoss's ``G`` has one per row), ``O(nnz·D)`` instead of ``O(B·K·D)``.
+    ``torch.addmm`` GEMMs on the Triton path; the C++ implementation runs them over the nonzeros of ``G``
+    when at most one entry in eight is nonzero (CenterLoss's ``G`` has one per row), ``O(nnz·D)`` instead of
+    ``O(B·K·D)``, as a row loop for at most 8 centers, and otherwise as ``at::mm`` plus one in-place pass.
 ``assigned_sq_distances(x, centers, index) -> Tensor``
     (B, D), (K, D), (B,) int64 in [0, K) -> (B,) ``s_i = Σ_d (x_id − m_{index_i, d})²`` by differences (II's
     intra-class spread; no expansion, no clamp), accumulated in fp32 (fp64 when either input is fp64) and
