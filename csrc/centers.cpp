@@ -4,7 +4,8 @@
 //
 // Distances. The cross term is a GEMM through ATen (at::mm in fp32, fp64 for fp64 inputs; bf16/fp16
 // features and centers are upcast first, as the reference does); the norms are ATen's pow(2).sum(1) of the
-// same upcast tensors. A per-row pass (at::parallel_for over rows, at::vec over centers) then forms
+// same upcast tensors; centers s·I (CAC's anchors) take s·x instead of the GEMM, bitwise its result (see
+// scaled_identity). A per-row pass (at::parallel_for over rows, at::vec over centers) then forms
 //
 //     raw_ik = (‖x_i‖² + ‖m_k‖²) − 2·(x·mᵀ)_ik,        d_ik = max(raw_ik, 0)
 //
@@ -28,6 +29,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -76,6 +79,47 @@ void check_features(const Tensor& x, const Tensor& centers, const char* op) {
       centers.scalar_type());
 }
 
+// exp over a vector. fp64 (and CPUs without AVX2): ATen's (SLEEF's) exp. fp32 on AVX2/AVX-512: our own, because
+// SLEEF's 1-ULP expf was most of the CAC and MCHAD loss kernels (409600 exps: 274 us SLEEF, 176 us this one, one
+// thread of this EPYC). The method is Cody and Waite's: x = n·ln2 + r with |r| <= ln2/2 (ln2 split in two
+// constants so that n·ln2 is exact), e^r by Cephes' polynomial 1 + r + r²·P5(r), and 2^n applied as two
+// power-of-two factors, each built from its exponent bits, so that subnormal results keep their precision. Within
+// 1 ULP of the correctly rounded e^x over [-110, 90] (tests/test_cpp_centers.py checks it through a loss).
+// The clamp propagates NaN (max/min return their second operand when either is NaN); above 89 the product
+// overflows to +inf and below -104 it rounds to 0, as exp does.
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vec_exp(const at::vec::Vectorized<acc_t>& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+template <>
+inline at::vec::Vectorized<float> vec_exp<float>(const at::vec::Vectorized<float>& x) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec xc = at::vec::clamp(x, Vec(-104.0f), Vec(89.0f));
+  const Vec n = (xc * Vec(1.44269504088896341f)).round();
+  // r = x − n·ln2 with ln2 = 0.693359375 − 2.12194440e-4 (the first part has 9 significant bits: n·it is exact)
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  const Vec e_r = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  // 2^n = 2^a · 2^b, a = floor(n/2), b = n − a, both in [-75, 64]: normal floats whose bits are (k + 127)·2^23
+  // (exact in fp32 and in int32)
+  const Vec a = (n * Vec(0.5f)).floor();
+  const Vec b = n - a;
+  auto power_of_two = [](const Vec& k) {
+    const Vec bits = at::vec::fmadd(k, Vec(8388608.0f), Vec(1065353216.0f));  // 2^23·k + 127·2^23
+    return at::vec::cast<float>(at::vec::convert_to_int_of_same_size(bits));
+  };
+  return e_r * power_of_two(a) * power_of_two(b);
+}
+#endif
+
 template <typename acc_t>
 inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
@@ -84,6 +128,42 @@ inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {
 template <typename acc_t>
 inline acc_t hmax(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
+}
+
+// s when the centers m (K, D) are s·I: K = D, every diagonal entry s, every other entry ±0 (CAC's anchors are
+// magnitude · identity). Then each product a·mᵀ or g·m has one nonzero term per entry, a_ik·s, which the GEMM
+// rounds exactly as a multiply does (the other terms add exact zeros), so the product is a scaled copy instead of
+// a 2·B·K·D-FLOP GEMM. The scan stops at the first entry that breaks the pattern (for dense centers, m[0][1]).
+template <typename acc_t>
+std::optional<acc_t> scaled_identity(const Tensor& m) {
+  if (m.dim() != 2 || m.size(0) != m.size(1) || m.size(0) == 0) return std::nullopt;
+  const auto a = m.accessor<acc_t, 2>();
+  const int64_t K = m.size(0);
+  const acc_t s = a[0][0];
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < K; ++j) {
+      const acc_t v = a[k][j];
+      if (j == k ? !(v == s) : v != acc_t(0)) return std::nullopt;
+    }
+  }
+  return s;
+}
+
+// A·S for S = s·I (A (n, K), fresh and contiguous): s·A, except the rows whose `row_check` value is not finite
+// (a row's squared norm or sum: inf or NaN whenever one of its entries is), which take the GEMM with
+// `gemm_operand` (S, or Sᵀ) so that inf·0 = NaN spreads over the row as the GEMM spreads it
+template <typename acc_t>
+Tensor times_scaled_identity(const Tensor& a, acc_t s, const Tensor& gemm_operand, const acc_t* row_check) {
+  Tensor out = a.mul(s).contiguous();
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < a.size(0); ++i) {
+    if (!std::isfinite(row_check[i])) rows.push_back(i);
+  }
+  if (!rows.empty()) {
+    const Tensor index = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
+    out.index_copy_(0, index, at::mm(a.index_select(0, index), gemm_operand));
+  }
+  return out;
 }
 
 // The clamped-expansion geometry in ACC: upcast operands (views when already ACC), the norms, and the
@@ -99,6 +179,8 @@ struct Geometry {
   const acc_t* MN;
   const acc_t* XA;
   const acc_t* MA;
+  // s when the centers are s·I (CAC's anchors): the cross term is then s·x, no GEMM
+  std::optional<acc_t> identity;
 
   Geometry(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
     xa = x.to(acc);
@@ -112,10 +194,12 @@ struct Geometry {
     MN = mn.const_data_ptr<acc_t>();
     XA = xa.const_data_ptr<acc_t>();
     MA = ma.const_data_ptr<acc_t>();
+    identity = scaled_identity<acc_t>(ma);
   }
 
   // rows [r0, r0 + n) of x·mᵀ, (n, K) contiguous, fresh (the caller may overwrite it)
   Tensor cross(int64_t r0, int64_t n) const {
+    if (identity) return times_scaled_identity<acc_t>(xa.narrow(0, r0, n), *identity, ma.t(), XN + r0);
     return at::mm(xa.narrow(0, r0, n), ma.t()).contiguous();
   }
 
@@ -182,21 +266,128 @@ Tensor cpu_center_sq_distances(
   return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
 }
 
-// The distance op's backward: G = grad·1[raw >= 0], then dX = 2·(rowsum(G)⊙X − G·M), dM = 2·(colsum(G)⊙M − Gᵀ·X).
-//
-// The clamp mask comes from the forward's clamped distances: d > 0 passes; a chunk of rows holding an exact
-// d == 0 recomputes its raw rows with the forward's GEMM call (bitwise its values) to pass raw == 0 (as
-// torch.clamp(min=0) does) and stop raw < 0. Chunks without a zero run no GEMM.
-//
-// The products: G is often sparse (CenterLoss's gradient reaches only each row's target column), so with at
-// most one nonzero in SPARSE_DIVISOR entries the two products run over the nonzeros only, O(nnz·D) instead of
-// two O(B·K·D) GEMMs (dM accumulated per thread, then summed); so do they with at most ROW_LOOP_MAX_CENTERS
-// centers; otherwise two ATen GEMMs (at::mm) run, each followed by one in-place pass for the sum(G) term.
+// The gradient products dX = 2·(rowsum(G)⊙X − G·M) and dM = 2·(colsum(G)⊙M − Gᵀ·X), shared by the distance op's
+// backward and the one-call losses' eager backward. G is often sparse (CenterLoss's gradient reaches only each
+// row's target column), so with at most one nonzero in SPARSE_DIVISOR entries the two products run over the
+// nonzeros only, O(nnz·D) instead of two O(B·K·D) GEMMs (dM accumulated per thread, then summed); so do they with
+// at most ROW_LOOP_MAX_CENTERS centers; otherwise two ATen GEMMs (at::mm) run, each followed by one in-place pass
+// for the sum(G) term.
 constexpr int64_t SPARSE_DIVISOR = 8;
 // with this few centers the "GEMMs" are rank-K updates: the row loop does the same products in one pass over
 // X, where a GEMM call would cost more than its few FLOPs (DeepSVDD/SAD: K = 1)
 constexpr int64_t ROW_LOOP_MAX_CENTERS = 8;
 
+// the products from G (B, K), contiguous in ACC, whose row i holds row_nnz[i] nonzeros; in the inputs' dtypes, a
+// (0,) placeholder for an input that needs no gradient
+template <typename acc_t>
+std::tuple<Tensor, Tensor> gradient_products(
+    const Tensor& G,
+    const std::vector<int64_t>& row_nnz,
+    const Tensor& x,
+    const Tensor& centers,
+    bool need_x,
+    bool need_m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t B = G.size(0), K = G.size(1), D = x.size(1);
+  const acc_t* O = G.const_data_ptr<acc_t>();
+  const auto acc = G.scalar_type();
+  Tensor grad_x = at::empty({0}, x.options()), grad_m = at::empty({0}, centers.options());
+  const Tensor xa = x.to(acc).contiguous();
+  const Tensor ma = centers.to(acc).contiguous();
+  int64_t nnz = 0;
+  for (int64_t v : row_nnz) nnz += v;
+  if (nnz * SPARSE_DIVISOR > B * K && K > ROW_LOOP_MAX_CENTERS) {
+    // the GEMM into a fresh output, then 2·(sum(G)⊙operand − product) in place, one pass: addmm would first
+    // copy a (B, D) rowsum(G)⊙X temporary into its output (two more passes and an allocation)
+    auto gemm_then_rank_one = [&](Tensor& product, const Tensor& operand, const Tensor& totals) {
+      acc_t* P = product.mutable_data_ptr<acc_t>();
+      const acc_t* A = operand.const_data_ptr<acc_t>();
+      const acc_t* T = totals.const_data_ptr<acc_t>();
+      at::parallel_for(0, product.size(0), grain(D), [&](int64_t begin, int64_t end) {
+        const Vec two(acc_t(2));
+        for (int64_t r = begin; r < end; ++r) {
+          const Vec scale(acc_t(2) * T[r]);
+          at::vec::map2(
+              [scale, two](Vec p, Vec a) { return scale * a - two * p; }, P + r * D, P + r * D, A + r * D, D);
+        }
+      });
+    };
+    if (need_x) {
+      const Tensor totals = G.sum(1);
+      const auto identity = scaled_identity<acc_t>(ma);
+      Tensor product = identity ? times_scaled_identity<acc_t>(G, *identity, ma, totals.const_data_ptr<acc_t>())
+                                : at::mm(G, ma).contiguous();  // (B, D)
+      gemm_then_rank_one(product, xa, totals);
+      grad_x = product.to(x.scalar_type());
+    }
+    if (need_m) {
+      Tensor product = at::mm(G.t(), xa).contiguous();  // (K, D)
+      gemm_then_rank_one(product, ma, G.sum(0));
+      grad_m = product.to(centers.scalar_type());
+    }
+    return {grad_x, grad_m};
+  }
+  const acc_t* X = xa.const_data_ptr<acc_t>();
+  const acc_t* M = ma.const_data_ptr<acc_t>();
+  if (need_x) {
+    // every row is written whole (no zero fill of the (B, D) output first): 2·rowsum(G)_i·x_i, then the
+    // nonzeros' −2·g·m_c
+    Tensor gx = at::empty({B, D}, x.options().dtype(acc));
+    acc_t* GX = gx.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* out = GX + i * D;
+        if (row_nnz[i] == 0) {
+          std::fill(out, out + D, acc_t(0));
+          continue;
+        }
+        const acc_t* g_row = O + i * K;
+        acc_t rowsum = 0;
+        for (int64_t c = 0; c < K; ++c) rowsum += g_row[c];
+        const Vec scale(acc_t(2) * rowsum);
+        at::vec::map([scale](Vec xv) { return scale * xv; }, out, X + i * D, D);
+        for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
+          const acc_t gv = g_row[c];
+          if (gv == acc_t(0)) continue;
+          ++seen;
+          // out −= 2·g·m_c
+          at::vec::map2([gv](Vec o, Vec m) { return o - Vec(acc_t(2) * gv) * m; }, out, out, M + c * D, D);
+        }
+      }
+    });
+    grad_x = gx.to(x.scalar_type());
+  }
+  if (need_m) {
+    // per-thread partial sums of Σ_i g_ic·x_i and colsum(G), then one reduction
+    const int threads = at::get_num_threads();
+    Tensor partial = at::zeros({threads, K, D + 1}, x.options().dtype(acc));
+    acc_t* P = partial.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+      acc_t* mine = P + int64_t(at::get_thread_num()) * K * (D + 1);
+      for (int64_t i = begin; i < end; ++i) {
+        if (row_nnz[i] == 0) continue;
+        for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
+          const acc_t gv = O[i * K + c];
+          if (gv == acc_t(0)) continue;
+          ++seen;
+          acc_t* acc_row = mine + c * (D + 1);
+          at::vec::map2([gv](Vec a, Vec xv) { return a + Vec(gv) * xv; }, acc_row, acc_row, X + i * D, D);
+          acc_row[D] += gv;
+        }
+      }
+    });
+    const Tensor total = partial.sum(0);  // (K, D + 1)
+    const Tensor gx_sum = total.narrow(1, 0, D), colsum = total.narrow(1, D, 1);
+    grad_m = ((colsum * ma - gx_sum) * acc_t(2)).to(centers.scalar_type());
+  }
+  return {grad_x, grad_m};
+}
+
+// The distance op's backward: G = grad·1[raw >= 0], then the products.
+//
+// The clamp mask comes from the forward's clamped distances: d > 0 passes; a chunk of rows holding an exact
+// d == 0 recomputes its raw rows with the forward's GEMM call (bitwise its values) to pass raw == 0 (as
+// torch.clamp(min=0) does) and stop raw < 0. Chunks without a zero run no GEMM.
 std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const Tensor& grad,
     const Tensor& dist,
@@ -296,91 +487,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
       });
     }
     // 3. the products
-    const Tensor xa = x.to(acc).contiguous();
-    const Tensor ma = centers.to(acc).contiguous();
-    int64_t nnz = 0;
-    for (int64_t v : row_nnz) nnz += v;
-    if (nnz * SPARSE_DIVISOR > B * K && K > ROW_LOOP_MAX_CENTERS) {
-      // the GEMM into a fresh output, then 2·(sum(G)⊙operand − product) in place, one pass: addmm would first
-      // copy a (B, D) rowsum(G)⊙X temporary into its output (two more passes and an allocation)
-      auto gemm_then_rank_one = [&](Tensor& product, const Tensor& operand, const Tensor& totals) {
-        acc_t* P = product.mutable_data_ptr<acc_t>();
-        const acc_t* A = operand.const_data_ptr<acc_t>();
-        const acc_t* T = totals.const_data_ptr<acc_t>();
-        at::parallel_for(0, product.size(0), grain(D), [&](int64_t begin, int64_t end) {
-          const Vec two(acc_t(2));
-          for (int64_t r = begin; r < end; ++r) {
-            const Vec scale(acc_t(2) * T[r]);
-            at::vec::map2(
-                [scale, two](Vec p, Vec a) { return scale * a - two * p; }, P + r * D, P + r * D, A + r * D, D);
-          }
-        });
-      };
-      if (need_x) {
-        Tensor product = at::mm(G, ma).contiguous();  // (B, D)
-        gemm_then_rank_one(product, xa, G.sum(1));
-        grad_x = product.to(x.scalar_type());
-      }
-      if (need_m) {
-        Tensor product = at::mm(G.t(), xa).contiguous();  // (K, D)
-        gemm_then_rank_one(product, ma, G.sum(0));
-        grad_m = product.to(centers.scalar_type());
-      }
-      return;
-    }
-    const acc_t* X = xa.const_data_ptr<acc_t>();
-    const acc_t* M = ma.const_data_ptr<acc_t>();
-    if (need_x) {
-      // every row is written whole (no zero fill of the (B, D) output first): 2·rowsum(G)_i·x_i, then the
-      // nonzeros' −2·g·m_c
-      Tensor gx = at::empty({B, D}, x.options().dtype(acc));
-      acc_t* GX = gx.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          acc_t* out = GX + i * D;
-          if (row_nnz[i] == 0) {
-            std::fill(out, out + D, acc_t(0));
-            continue;
-          }
-          const acc_t* g_row = O + i * K;
-          acc_t rowsum = 0;
-          for (int64_t c = 0; c < K; ++c) rowsum += g_row[c];
-          const Vec scale(acc_t(2) * rowsum);
-          at::vec::map([scale](Vec xv) { return scale * xv; }, out, X + i * D, D);
-          for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
-            const acc_t gv = g_row[c];
-            if (gv == acc_t(0)) continue;
-            ++seen;
-            // out −= 2·g·m_c
-            at::vec::map2([gv](Vec o, Vec m) { return o - Vec(acc_t(2) * gv) * m; }, out, out, M + c * D, D);
-          }
-        }
-      });
-      grad_x = gx.to(x.scalar_type());
-    }
-    if (need_m) {
-      // per-thread partial sums of Σ_i g_ic·x_i and colsum(G), then one reduction
-      const int threads = at::get_num_threads();
-      Tensor partial = at::zeros({threads, K, D + 1}, x.options().dtype(acc));
-      acc_t* P = partial.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
-        acc_t* mine = P + int64_t(at::get_thread_num()) * K * (D + 1);
-        for (int64_t i = begin; i < end; ++i) {
-          if (row_nnz[i] == 0) continue;
-          for (int64_t c = 0, seen = 0; c < K && seen < row_nnz[i]; ++c) {
-            const acc_t gv = O[i * K + c];
-            if (gv == acc_t(0)) continue;
-            ++seen;
-            acc_t* acc_row = mine + c * (D + 1);
-            at::vec::map2([gv](Vec a, Vec xv) { return a + Vec(gv) * xv; }, acc_row, acc_row, X + i * D, D);
-            acc_row[D] += gv;
-          }
-        }
-      });
-      const Tensor total = partial.sum(0);  // (K, D + 1)
-      const Tensor gx_sum = total.narrow(1, 0, D), colsum = total.narrow(1, D, 1);
-      grad_m = ((colsum * ma - gx_sum) * acc_t(2)).to(centers.scalar_type());
-    }
+    std::tie(grad_x, grad_m) = gradient_products<acc_t>(G, row_nnz, x, centers, need_x, need_m);
   });
   return {grad_x, grad_m};
 }
@@ -553,35 +660,66 @@ inline acc_t target_distance(acc_t raw_y, const Label& l, const LossParams<acc_t
   return (l.is_id && !l.has_target) ? std::numeric_limits<acc_t>::quiet_NaN() : d_y;
 }
 
-// forward of one row from its raw distances `raw` (K values): (value, stat_1, T)
+// fn(c, n, valid) for each V-wide chunk [c, c + n) of a row of K values: the full chunks, then the rest. With
+// K >= V the rest is the row's last V values, read whole (no partial load); lanes that an earlier chunk already
+// visited are cleared from `valid` when `Reduce` (sums must count each column once) and kept otherwise (an
+// elementwise pass recomputes and stores the same values again). With K < V the one chunk is a partial load,
+// `valid` holding the lanes below K.
+template <typename acc_t, bool Reduce, typename Fn>
+inline void for_each_chunk(int64_t K, Fn fn) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec every_lane = Vec(acc_t(0)) == Vec(acc_t(0));
+  int64_t c = 0;
+  for (; c + V <= K; c += V) fn(c, V, every_lane);
+  if (c == K) return;
+  if (K >= V) {
+    const Vec lanes = Vec::arange(acc_t(0), acc_t(1)) + Vec(static_cast<acc_t>(K - V));
+    fn(K - V, V, Reduce ? lanes >= Vec(static_cast<acc_t>(c)) : every_lane);
+  } else {
+    fn(c, K - c, Vec::arange(static_cast<acc_t>(c), acc_t(1)) < Vec(static_cast<acc_t>(K)));
+  }
+}
+
+// the lanes of chunk [c, c + V) other than column y (every lane when y is outside the chunk)
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> lanes_other_than(int64_t y, int64_t c, const at::vec::Vectorized<acc_t>& valid) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (y < c || y >= c + Vec::size()) return valid;
+  return valid & (Vec::arange(acc_t(0), acc_t(1)) != Vec(static_cast<acc_t>(y - c)));
+}
+
+// forward of one row from its raw distances `raw` (K values), up to its logarithm: the stats (s1, s2) and the
+// value without its log term, which finish_rows adds for all rows at once (vectorised over the rows: one scalar
+// log1p per row cost as much as the row's exps at K = 100). CAC: s1 = S = Σ_{c≠y} e_c, s2 = T, value pending
+// α·d_y + log1p(S); MCHAD: s1 = Σ_c exp(−d_c − shift), s2 = shift, value pending + w_n·(lse + d_y); Center: the
+// value.
 template <typename acc_t>
 inline void forward_row(
     const acc_t* raw, acc_t raw_y, const Label& l, const LossParams<acc_t>& p, acc_t* value, acc_t* s1, acc_t* s2) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
   const int64_t K = p.K;
   const acc_t d_y = target_distance(raw_y, l, p);
-  const Vec zero(acc_t(0)), vk(static_cast<acc_t>(K));
+  const Vec zero(acc_t(0));
   auto dist = [&](int64_t c, int64_t n) {
     const Vec r = Vec::loadu(raw + c, n);
     return p.features ? at::vec::maximum(r, zero) : r;
   };
   *s1 = 0;
   *s2 = 0;
+  *value = 0;
   if (p.kind == CAC) {
-    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX)), vy(static_cast<acc_t>(l.y_safe));
+    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX));
     Vec s(acc_t(0)), t(acc_t(0));
-    for (int64_t c = 0; c < K; c += V) {
-      const int64_t n = std::min<int64_t>(V, K - c);
+    for_each_chunk<acc_t, true>(K, [&](int64_t c, int64_t n, const Vec& valid) {
       const Vec gap = vdy - dist(c, n);
-      const Vec col = Vec::arange(static_cast<acc_t>(c), acc_t(1));
-      const Vec e = at::vec::minimum(gap, cap).exp() & (col != vy) & (col < vk);  // the tuplet sum is over c ≠ y
+      // the tuplet sum is over c ≠ y
+      const Vec e = vec_exp<acc_t>(at::vec::minimum(gap, cap)) & lanes_other_than<acc_t>(l.y_safe, c, valid);
       s = s + e;
       t = t + (e & (gap <= cap));  // torch.clamp passes the gradient at the bound
-    }
+    });
     *s1 = hsum(s);
     *s2 = hsum(t);
-    *value = l.is_id ? p.p0 * d_y + std::log1p(*s1) : acc_t(0);
   } else if (p.kind == CENTER) {
     *value = l.is_id ? center_term(d_y, p.p0, l.has_target, K).first : acc_t(0);
   } else {
@@ -589,30 +727,53 @@ inline void forward_row(
     // lse(−d) in two passes over the row (it is in L1), and the OOD push Σ relu(m² − d²)
     Vec vmax(neg_inf), push(acc_t(0));
     const Vec msq(p.m_sq);
-    for (int64_t c = 0; c < K; c += V) {
-      const int64_t n = std::min<int64_t>(V, K - c);
+    for_each_chunk<acc_t, true>(K, [&](int64_t c, int64_t n, const Vec& valid) {
       const Vec d = dist(c, n);
-      const Vec valid = Vec::arange(static_cast<acc_t>(c), acc_t(1)) < vk;
       vmax = at::vec::maximum(vmax, Vec::blendv(Vec(neg_inf), zero - d, valid));
       push = push + (at::vec::maximum(msq - d * d, zero) & valid);
-    }
+    });
     const acc_t mx = hmax(vmax);
     const Vec shift(mx == neg_inf ? acc_t(0) : mx);
     Vec sum(acc_t(0));
-    for (int64_t c = 0; c < K; c += V) {
-      const int64_t n = std::min<int64_t>(V, K - c);
-      const Vec valid = Vec::arange(static_cast<acc_t>(c), acc_t(1)) < vk;
-      sum = sum + ((zero - dist(c, n) - shift).exp() & valid);
+    for_each_chunk<acc_t, true>(K, [&](int64_t c, int64_t n, const Vec& valid) {
+      sum = sum + (vec_exp<acc_t>(zero - dist(c, n) - shift) & valid);
+    });
+    *s1 = hsum(sum);
+    *s2 = mx;
+    if (l.is_id) {
+      *value = p.w_c * (center_term(d_y, p.p0, l.has_target, K).first / static_cast<acc_t>(K));
+    } else if (l.is_ood) {
+      *value = p.w_o * hsum(push);
     }
-    const acc_t lse = mx + std::log(hsum(sum));
-    *s1 = lse;
-    const acc_t center = center_term(d_y, p.p0, l.has_target, K).first;
-    const acc_t value_id = p.w_c * (center / static_cast<acc_t>(K)) + p.w_n * (lse + d_y);
-    *value = l.is_id ? value_id : (l.is_ood ? p.w_o * hsum(push) : acc_t(0));
   }
 }
 
-// backward of one row: G_i· = γ·∂ℓ/∂d (clamp-masked), written into `out` (K values, ACC)
+// the forward's logarithms, for all rows at once (ATen's vectorised log1p / log over the (B,) sums), then each
+// row's value and final stats: CAC value α·d_y + log1p(S); MCHAD lse = shift + log(Σ), stats [raw_y, lse, 0],
+// value + w_n·(lse + d_y) for ID rows
+template <typename acc_t>
+void finish_rows(const LossParams<acc_t>& p, const int64_t* Y, int64_t sy, int64_t B, acc_t* values, Tensor& stats) {
+  if (p.kind == CENTER) return;
+  const Tensor logs = p.kind == CAC ? at::log1p(stats[1]) : at::log(stats[1]);
+  const acc_t* L = logs.const_data_ptr<acc_t>();
+  acc_t* S = stats.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, B, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Label l = classify(Y[i * sy], p.K);
+      if (p.kind == CAC) {
+        if (l.is_id) values[i] = p.p0 * target_distance(S[i], l, p) + L[i];
+      } else {
+        const acc_t lse = S[2 * B + i] + L[i];
+        S[B + i] = lse;
+        S[2 * B + i] = 0;
+        if (l.is_id) values[i] = values[i] + p.w_n * (lse + target_distance(S[i], l, p));
+      }
+    }
+  });
+}
+
+// backward of one row: G_i· = γ·∂ℓ/∂d (clamp-masked), written into `out` (K values, ACC): γ·(column term) for
+// every column, γ·(column term + target term) for the target column
 template <typename acc_t>
 inline void backward_row(
     const acc_t* raw,
@@ -628,50 +789,55 @@ inline void backward_row(
   const int64_t K = p.K;
   const acc_t d_y = target_distance(raw_y, l, p);
   const bool pass_y = l.has_target && (!p.features || raw_y >= acc_t(0));
-  const Vec zero(acc_t(0));
-  // tile term (every column, masked by the clamp), then the target column's term, then γ
+  const Vec zero(acc_t(0)), vgamma(gamma);
+  // the target column's own column term, unscaled (its chunk records it)
+  acc_t term_y = 0;
+  auto store = [&](int64_t c, int64_t n, const Vec& term) {
+    if (l.y_safe >= c && l.y_safe < c + V) {
+      acc_t lanes[V];
+      term.store(lanes);
+      term_y = lanes[l.y_safe - c];
+    }
+    (vgamma * term).store(out + c, n);
+  };
   acc_t target = 0;
   if (p.kind == CAC) {
     const acc_t one_plus_s = acc_t(1) + stat_1;
-    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX)), vy(static_cast<acc_t>(l.y_safe));
-    for (int64_t c = 0; c < K; c += V) {
-      const int64_t n = std::min<int64_t>(V, K - c);
+    const Vec vdy(d_y), cap(static_cast<acc_t>(CAC_EXPONENT_MAX));
+    for_each_chunk<acc_t, false>(K, [&](int64_t c, int64_t n, const Vec& valid) {
       const Vec r = Vec::loadu(raw + c, n);
       const Vec d = p.features ? at::vec::maximum(r, zero) : r;
       const Vec gap = vdy - d;
-      const Vec col = Vec::arange(static_cast<acc_t>(c), acc_t(1));
-      Vec mask = (col != vy) & (gap <= cap);
+      Vec mask = lanes_other_than<acc_t>(l.y_safe, c, valid) & (gap <= cap);
       if (p.features) mask = mask & (r >= zero);
       // −e/(1 + S) as a division, rounded as the Triton epilogue rounds it
-      const Vec e = at::vec::minimum(gap, cap).exp();
+      const Vec e = vec_exp<acc_t>(at::vec::minimum(gap, cap));
       const Vec term = l.is_id ? (zero - e) / Vec(one_plus_s) : zero;
-      (term & mask).store(out + c, n);
-    }
+      store(c, n, term & mask);
+    });
     target = l.is_id ? p.p0 + t_cac / one_plus_s : acc_t(0);
   } else if (p.kind == CENTER) {
-    std::fill(out, out + K, acc_t(0));
+    for_each_chunk<acc_t, false>(K, [&](int64_t c, int64_t n, const Vec& valid) { store(c, n, zero); });
     target = (l.is_id && center_term(d_y, p.p0, l.has_target, K).second) ? acc_t(1) : acc_t(0);
   } else {
     const Vec vlse(stat_1), msq(p.m_sq), wn(p.w_n), wo2(acc_t(2) * p.w_o);
-    for (int64_t c = 0; c < K; c += V) {
-      const int64_t n = std::min<int64_t>(V, K - c);
+    for_each_chunk<acc_t, false>(K, [&](int64_t c, int64_t n, const Vec& valid) {
       const Vec r = Vec::loadu(raw + c, n);
       const Vec d = p.features ? at::vec::maximum(r, zero) : r;
       Vec term = zero;
       if (l.is_id) {
-        term = zero - wn * (zero - d - vlse).exp();
+        term = zero - wn * vec_exp<acc_t>(zero - d - vlse);
       } else if (l.is_ood) {
         // w_o·(−2d)·1[m² − d² > 0]
         term = (zero - wo2 * d) & ((msq - d * d) > zero);
       }
       if (p.features) term = term & (r >= zero);
-      term.store(out + c, n);
-    }
+      store(c, n, term);
+    });
     const bool passes = center_term(d_y, p.p0, l.has_target, K).second;
     target = l.is_id ? p.w_n + p.w_c * (passes ? acc_t(1) : acc_t(0)) / static_cast<acc_t>(K) : acc_t(0);
   }
-  if (pass_y) out[l.y_safe] = out[l.y_safe] + target;
-  at::vec::map([gamma](Vec v) { return Vec(gamma) * v; }, out, out, K);
+  if (pass_y) out[l.y_safe] = gamma * (term_y + target);
 }
 
 void check_kind(int64_t kind, const char* op) {
@@ -788,19 +954,20 @@ void for_each_raw_row(
       });
     }
   } else {
-    // a distance matrix of any dtype and strides: one ACC row buffer per thread (never written back)
+    // a distance matrix of any dtype and strides: contiguous ACC rows are read in place, others through one ACC
+    // row buffer per thread
     const Tensor xd = x.to(in.acc);
     const acc_t* X = xd.const_data_ptr<acc_t>();
     const int64_t s0 = xd.stride(0), s1 = xd.stride(1);
     at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(std::max<int64_t>(K, 1));
+      std::vector<acc_t> buf(s1 == 1 ? 0 : std::max<int64_t>(K, 1));
       for (int64_t i = begin; i < end; ++i) {
-        if (s1 == 1) {
-          std::copy(X + i * s0, X + i * s0 + K, buf.data());
-        } else {
+        const acc_t* row = X + i * s0;
+        if (s1 != 1) {
           for (int64_t c = 0; c < K; ++c) buf[c] = X[i * s0 + c * s1];
+          row = buf.data();
         }
-        fn(i, static_cast<const acc_t*>(buf.data()), static_cast<const Geometry<acc_t>*>(nullptr));
+        fn(i, row, static_cast<const Geometry<acc_t>*>(nullptr));
       }
     });
   }
@@ -870,6 +1037,7 @@ std::tuple<Tensor, Tensor> cpu_center_loss_fwd(
       S[B + i] = s1;
       S[2 * B + i] = s2;
     });
+    finish_rows<acc_t>(p, Y, sy, B, Vl, stats);
   });
   return {values, stats};
 }
@@ -927,6 +1095,230 @@ Tensor cpu_center_loss_bwd(
   return in.features ? grad : grad.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------
+// eager steps: each op with its backward as one C++ autograd function
+// ---------------------------------------------------------------------------------------------
+//
+// Eager calls on CPU tensors (ops/center_ops.py: run_sq_distances, run_loss_values, run_assigned_sq_distances)
+// take these instead of the custom ops: the same C++ operators, one dispatcher call per direction and no Python
+// autograd layer. At (4096, 100) the custom op's Python dispatch and generated autograd wrapper cost about as
+// much as the loss kernel itself. The custom ops stay what torch.compile, opcheck and fake tensors see.
+//
+// Under create_graph the backward calls the custom backward op through the dispatcher instead, whose own
+// backward raises the fused kernels' double-backward error, as every other fused center call does.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+c10::IValue optional_ivalue(const Tensor& t) {
+  return t.defined() ? c10::IValue(t) : c10::IValue();
+}
+
+std::optional<Tensor> optional_tensor(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+std::vector<c10::IValue> call_boxed(const char* name, std::vector<c10::IValue> stack) {
+  const auto& op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  op.callBoxed(&stack);
+  return stack;
+}
+
+// a (0,) placeholder of the ops means "no gradient": undefined for autograd
+Tensor defined_if(bool needed, const Tensor& t) {
+  return needed ? t : Tensor();
+}
+
+class SqDistancesStep : public torch::autograd::Function<SqDistancesStep> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const Tensor& centers,
+      at::ScalarType out_dtype,
+      bool tf32,
+      int64_t block_b,
+      int64_t block_k,
+      int64_t block_d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor out = cpu_center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d);
+    // the output tells the backward where the clamp was active
+    ctx->save_for_backward({x, centers, out});
+    ctx->saved_data["tf32"] = tf32;
+    ctx->saved_data["blocks"] = std::vector<int64_t>{block_b, block_k, block_d};
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    const bool need_x = ctx->needs_input_grad(0), need_m = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_x || need_m)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const bool tf32 = ctx->saved_data["tf32"].toBool();
+    const auto blocks = ctx->saved_data["blocks"].toIntVector();
+    Tensor grad_x, grad_m;
+    if (at::GradMode::is_enabled()) {
+      auto stack = call_boxed(
+          "oodkernels::center_sq_distances_grads",
+          {grads[0], saved[2], saved[0], saved[1], need_x, need_m, tf32, blocks[0], blocks[1], blocks[2]});
+      grad_x = stack[0].toTensor();
+      grad_m = stack[1].toTensor();
+    } else {
+      std::tie(grad_x, grad_m) = cpu_center_sq_distances_grads(
+          grads[0], saved[2], saved[0], saved[1], need_x, need_m, tf32, blocks[0], blocks[1], blocks[2]);
+    }
+    out[0] = defined_if(need_x, grad_x);
+    out[1] = defined_if(need_m, grad_m);
+    return out;
+  }
+};
+
+Tensor cpu_center_sq_distances_step(
+    const Tensor& x,
+    const Tensor& centers,
+    at::ScalarType out_dtype,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  return SqDistancesStep::apply(x, centers, out_dtype, tf32, block_b, block_k, block_d)[0];
+}
+
+// the nonzeros of each row of G (B, K), contiguous in ACC: the products pick their loops by them
+template <typename acc_t>
+std::vector<int64_t> row_nonzeros(const Tensor& G) {
+  const int64_t B = G.size(0), K = G.size(1);
+  const acc_t* P = G.const_data_ptr<acc_t>();
+  std::vector<int64_t> nnz(B, 0);
+  at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t n = 0;
+      for (int64_t c = 0; c < K; ++c) n += P[i * K + c] != acc_t(0);
+      nnz[i] = n;
+    }
+  });
+  return nnz;
+}
+
+class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const std::optional<Tensor>& centers,
+      const Tensor& targets,
+      const std::optional<Tensor>& margin,
+      int64_t kind,
+      double p0,
+      double p1,
+      double p2,
+      double p3,
+      bool tf32,
+      int64_t block_b,
+      int64_t block_k,
+      int64_t block_d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [values, stats] =
+        cpu_center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d);
+    ctx->save_for_backward({x, centers.value_or(Tensor()), targets, margin.value_or(Tensor()), stats});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["params"] = std::vector<double>{p0, p1, p2, p3};
+    ctx->saved_data["tf32"] = tf32;
+    ctx->saved_data["blocks"] = std::vector<int64_t>{block_b, block_k, block_d};
+    return {values};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(13);
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &centers = saved[1], &targets = saved[2], &margin = saved[3], &stats = saved[4];
+    const bool need_x = ctx->needs_input_grad(0), need_m = centers.defined() && ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_x || need_m)) return out;
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    const auto p = ctx->saved_data["params"].toDoubleVector();
+    const bool tf32 = ctx->saved_data["tf32"].toBool();
+    const auto blocks = ctx->saved_data["blocks"].toIntVector();
+    if (at::GradMode::is_enabled()) {
+      // create_graph: G from the custom op (its backward raises), the products as differentiable ATen ops
+      const Tensor g = call_boxed(
+                           "oodkernels::center_loss_bwd",
+                           {grads[0], x, optional_ivalue(centers), targets, optional_ivalue(margin), stats, kind, p[0],
+                            p[1], p[2], p[3], tf32, blocks[0], blocks[1], blocks[2]})[0]
+                           .toTensor();
+      if (!centers.defined()) {
+        out[0] = g;
+        return out;
+      }
+      const Tensor xa = x.to(g.scalar_type()), ma = centers.to(g.scalar_type());
+      if (need_x) out[0] = at::addmm(g.sum(1, true) * xa, g, ma, 2.0, -2.0).to(x.scalar_type());
+      if (need_m) out[1] = at::addmm(g.sum(0).unsqueeze(1) * ma, g.t(), xa, 2.0, -2.0).to(centers.scalar_type());
+      return out;
+    }
+    const Tensor g = cpu_center_loss_bwd(
+        grads[0], x, optional_tensor(centers), targets, optional_tensor(margin), stats, kind, p[0], p[1], p[2], p[3],
+        tf32, blocks[0], blocks[1], blocks[2]);
+    if (!centers.defined()) {
+      out[0] = g;
+      return out;
+    }
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cpu_center_loss_step", [&] {
+      auto [grad_x, grad_m] = gradient_products<scalar_t>(g, row_nonzeros<scalar_t>(g), x, centers, need_x, need_m);
+      out[0] = defined_if(need_x, grad_x);
+      out[1] = defined_if(need_m, grad_m);
+    });
+    return out;
+  }
+};
+
+Tensor cpu_center_loss_step(
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    int64_t kind,
+    double p0,
+    double p1,
+    double p2,
+    double p3,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  return CenterLossStep::apply(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)[0];
+}
+
+class AssignedSqDistancesStep : public torch::autograd::Function<AssignedSqDistancesStep> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& centers, const Tensor& index) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, centers, index});
+    return {cpu_assigned_sq_distances(x, centers, index)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(3);
+    const bool need_x = ctx->needs_input_grad(0), need_m = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_x || need_m)) return out;
+    const auto saved = ctx->get_saved_variables();
+    Tensor grad_x, grad_m;
+    if (at::GradMode::is_enabled()) {
+      auto stack = call_boxed(
+          "oodkernels::assigned_sq_distances_grads", {grads[0], saved[0], saved[1], saved[2], need_x, need_m});
+      grad_x = stack[0].toTensor();
+      grad_m = stack[1].toTensor();
+    } else {
+      std::tie(grad_x, grad_m) = cpu_assigned_sq_distances_grads(grads[0], saved[0], saved[1], saved[2], need_x, need_m);
+    }
+    out[0] = defined_if(need_x, grad_x);
+    out[1] = defined_if(need_m, grad_m);
+    return out;
+  }
+};
+
+Tensor cpu_assigned_sq_distances_step(const Tensor& x, const Tensor& centers, const Tensor& index) {
+  return AssignedSqDistancesStep::apply(x, centers, index)[0];
+}
+
 }  // namespace
 
 // The public schemas are the Python custom ops (oodkernels/ops/center_ops.py), which dispatch here for CPU
@@ -950,6 +1342,13 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
   m.def(
       "cpu_assigned_sq_distances_grads(Tensor grad, Tensor x, Tensor centers, Tensor index, bool need_x, "
       "bool need_m) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_center_sq_distances_step(Tensor x, Tensor centers, ScalarType out_dtype, bool tf32, int block_b, "
+      "int block_k, int block_d) -> Tensor");
+  m.def(
+      "cpu_center_loss_step(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "
+      "float p1, float p2, float p3, bool tf32, int block_b, int block_k, int block_d) -> Tensor");
+  m.def("cpu_assigned_sq_distances_step(Tensor x, Tensor centers, Tensor index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
@@ -959,4 +1358,10 @@ TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
   m.impl("cpu_center_loss_bwd", &cpu_center_loss_bwd);
   m.impl("cpu_assigned_sq_distances", &cpu_assigned_sq_distances);
   m.impl("cpu_assigned_sq_distances_grads", &cpu_assigned_sq_distances_grads);
+}
+
+TORCH_LIBRARY_IMPL(oodkernels, Autograd, m) {
+  m.impl("cpu_center_sq_distances_step", &cpu_center_sq_distances_step);
+  m.impl("cpu_center_loss_step", &cpu_center_loss_step);
+  m.impl("cpu_assigned_sq_distances_step", &cpu_assigned_sq_distances_step);
 }

@@ -134,6 +134,170 @@ def test_cpp_ops_are_used_and_reported(cpp, monkeypatch):
     assert not center_ops._on_cpp(z)
 
 
+def test_fp32_exp_within_one_ulp(cpp):
+    """The C++ kernels' own fp32 exp (csrc/centers.cpp vec_exp) against the correctly rounded e^x.
+
+    CAC's statistic S = Σ_{c≠y} exp(min(d_y − d_c, 50)) is one exp when d_y − d_c = x in one column and −inf in
+    the others: with K = 11, y = 0 and the finite column moving over 1..10, x passes through every lane of a
+    full 8-wide chunk and of the overlapped tail.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.empty(40000).uniform_(-110.0, 50.0, generator=g),  # subnormal results and underflow to 0 included
+        torch.empty(20000).uniform_(-1.0, 1.0, generator=g),
+        torch.tensor([0.0, -0.0, 50.0, -87.33, -103.9, -104.0, float("-inf"), float("nan")]),
+    ])  # fmt: skip
+    n, k = x.numel(), 11
+    dist = torch.full((n, k), float("inf"))
+    dist[:, 0] = x
+    dist[torch.arange(n), 1 + torch.arange(n) % (k - 1)] = 0.0
+    y = torch.zeros(n, dtype=torch.int64)
+    _, stats = torch.ops.oodkernels.cpu_center_loss_fwd(dist, None, y, None, 0, 1.0, 0.0, 0.0, 0.0, False, 0, 0, 0)
+    got, expected = stats[1], torch.exp(x.double()).float()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    ulps = (got.view(torch.int32).long() - expected.view(torch.int32).long()).abs()[~torch.isnan(got)]
+    assert ulps.max().item() <= 1, (ulps.max(), x[~torch.isnan(got)][ulps.argmax()])
+
+
+def _aten_ops(fn) -> set:
+    """The names of the ATen ops ``fn()`` dispatches (the C++ operators' internal calls included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 2.5, -0.5])
+def test_scaled_identity_centers_run_no_gemm(cpp, dtype, scale):
+    """Centers s·I (CAC's anchors): the cross term is s·x, bitwise what the GEMM gives, and no GEMM runs; a row
+    with an inf or a NaN still gets the GEMM's all-NaN row; one entry off the pattern brings the GEMM back."""
+    n = 2 * K
+    x = features(n, K, dtype=dtype)
+    x[3, 2] = float("inf")
+    x[5, 0] = float("nan")
+    anchors = torch.eye(K, dtype=dtype) * scale
+    anchors[0, 1] = -0.0  # a signed zero is still a zero
+    args = (dtype, False, 0, 0, 0)
+    got = torch.ops.oodkernels.cpu_center_sq_distances(x, anchors, *args)
+    expected = ref_centers.sq_distances(x, anchors)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN rows included
+    assert not torch.isfinite(got[3]).any() and torch.isnan(got[5]).all()  # inf·0 = NaN across the row
+    finite = torch.isfinite(x).all(1)
+    xf = x[finite]
+    assert "aten::mm" not in _aten_ops(lambda: torch.ops.oodkernels.cpu_center_sq_distances(xf, anchors, *args))
+    assert "aten::mm" in _aten_ops(lambda: torch.ops.oodkernels.cpu_center_sq_distances(x, anchors, *args))
+    almost = anchors.clone()
+    almost[K - 1, K - 2] = 1e-30
+    assert "aten::mm" in _aten_ops(lambda: torch.ops.oodkernels.cpu_center_sq_distances(xf, almost, *args))
+    # the distance backward's dX product G·M: s·G, and a G row with an inf takes the GEMM (NaN spread over the row)
+    dist = torch.ops.oodkernels.cpu_center_sq_distances(xf, anchors, *args)
+    grad = features(xf.shape[0], K, dtype=dtype, seed=4)
+    grad[2, 1] = float("inf")
+    grad_x, _ = torch.ops.oodkernels.cpu_center_sq_distances_grads(grad, dist, xf, anchors, True, False, False, 0, 0, 0)
+    g = grad * (dist > 0)
+    expected_x = 2 * (g.sum(1, keepdim=True) * xf - g @ anchors)
+    testing.assert_close(grad_x, expected_x)  # NaN equal to NaN
+    assert not torch.isfinite(grad_x[2]).any()
+
+
+@pytest.mark.parametrize("name", list(FROM_DISTANCES))
+def test_cac_anchors_module_path_against_reference(monkeypatch, name):
+    """The module path ``crit(crit.distance(z), y)`` with identity anchors (CAC's) and trainable anchors s·I:
+    values and gradients for the features (and the anchors) against the reference."""
+    kwargs = ONE_CALL[name][1]
+    x = features(d=K).requires_grad_()
+    anchors = (torch.eye(K) * 1.5).requires_grad_()
+    y = labels("mixed")
+
+    def step(z, m, t):
+        return FROM_DISTANCES[name](ok.functional.pairwise_sq_distances(z, m), t, *kwargs.values())
+
+    compare("cpp", monkeypatch, step, [x, anchors, y])
+    compare("cpp", monkeypatch, lambda z, m, t: ONE_CALL[name][0](z, m, t, **kwargs), [x, anchors, y])
+
+
+def _eager_and_custom_op(fn_step, fn_op, inputs, create_graph=False):
+    """Values and gradients of the C++ eager step and of the custom op on the same inputs (fresh leaves)."""
+    results = []
+    for fn in (fn_step, fn_op):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                  for t in inputs]  # fmt: skip
+        out = fn(*leaves)
+        wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        grad_out = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+        grads = torch.autograd.grad(out, wrt, grad_out, create_graph=create_graph)
+        results.append((out.detach(), [g.detach() for g in grads]))
+    return results
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("needs", ["x", "m", "both"])
+def test_eager_steps_equal_the_custom_ops(cpp, needs, create_graph):
+    """The eager C++ steps (one C++ autograd function per op) give bitwise the custom ops' values and gradients,
+    for every subset of inputs that needs a gradient and under create_graph (whose second backward raises)."""
+    x = features().requires_grad_(needs in ("x", "both"))
+    m = features(K, seed=2).requires_grad_(needs in ("m", "both"))
+    y = labels("mixed")
+    la = center_ops.launch_args()
+    ops = torch.ops.oodkernels
+    pairs = {
+        "distances": (
+            lambda a, c: ops.cpu_center_sq_distances_step(a, c, torch.float32, *la),
+            lambda a, c: ops.center_sq_distances(a, c, torch.float32, *la),
+        ),
+        "mchad": (
+            lambda a, c: ops.cpu_center_loss_step(a, c, y, torch.tensor([2.0]), 2, 0.3, 0.5, 0.7, 0.2, *la),
+            lambda a, c: ops.center_loss_fwd(a, c, y, torch.tensor([2.0]), 2, 0.3, 0.5, 0.7, 0.2, *la)[0],
+        ),
+        "cac": (
+            lambda a, c: ops.cpu_center_loss_step(a, c, y, None, 0, 0.7, 0.0, 0.0, 0.0, *la),
+            lambda a, c: ops.center_loss_fwd(a, c, y, None, 0, 0.7, 0.0, 0.0, 0.0, *la)[0],
+        ),
+        "assigned": (
+            lambda a, c: ops.cpu_assigned_sq_distances_step(a, c, y.clamp(min=0)),
+            lambda a, c: ops.assigned_sq_distances(a, c, y.clamp(min=0)),
+        ),
+    }
+    for name, (step, op) in pairs.items():
+        (value, grads), (expected, expected_grads) = _eager_and_custom_op(step, op, [x, m], create_graph)
+        assert torch.equal(value, expected), name
+        assert len(grads) == len(expected_grads), name
+        for got, want in zip(grads, expected_grads):
+            # the C++ step's products run over the nonzeros of a sparse G, the custom op's through addmm
+            testing.assert_close(got, want, atol=FP32[0], rtol=FP32[1], name=name)
+    # the distance-matrix loss: G is the gradient itself, bitwise
+    dist = ref_centers.sq_distances(x.detach(), m.detach()).requires_grad_()
+    (value, grads), (expected, expected_grads) = _eager_and_custom_op(
+        lambda d: ops.cpu_center_loss_step(d, None, y, None, 0, 0.7, 0.0, 0.0, 0.0, *la),
+        lambda d: ops.center_loss_fwd(d, None, y, None, 0, 0.7, 0.0, 0.0, 0.0, *la)[0],
+        [dist],
+        create_graph,
+    )
+    assert torch.equal(value, expected) and torch.equal(grads[0], expected_grads[0])
+
+
+def test_eager_calls_take_the_steps_and_compiled_ones_the_custom_ops(cpp):
+    """Eager CPU calls run the C++ steps; torch.compile traces the custom ops (opcheck's and the compiler's view)."""
+    x = features().requires_grad_()
+    m = features(K, seed=2)
+    y = labels("all_id")
+
+    def step(z):
+        return ok.functional.cac_distance_loss(ok.functional.pairwise_sq_distances(z, m), y) + (
+            ok.ops.centers.assigned_sq_distances(z, m, y).sum()
+        )
+
+    steps = {f"oodkernels::cpu_{name}_step" for name in ("center_sq_distances", "center_loss", "assigned_sq_distances")}
+    custom_ops = {f"oodkernels::{name}" for name in ("center_sq_distances", "center_loss_fwd", "assigned_sq_distances")}
+    eager = _aten_ops(lambda: step(x).backward())
+    assert steps <= eager and not custom_ops & eager, eager
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(x)  # compiles outside the profile
+    traced = _aten_ops(lambda: compiled(x).backward())
+    assert custom_ops <= traced and not steps & traced, traced
+
+
 def test_bad_inputs_raise(cpp):
     """The raw C++ ops' own checks (the public API's errors: tests/test_fused_centers.py)."""
     x, m = features(), features(K, seed=2)

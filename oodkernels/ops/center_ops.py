@@ -48,6 +48,11 @@ The launcher module imports triton, so it is imported by the first Triton call; 
 statistics count come from the triton-free :mod:`oodkernels.kernels.codes`, so this module (and with it the C++
 path) imports where triton is not installed.
 
+The callers in :mod:`oodkernels.ops.centers` go through :func:`run_sq_distances`, :func:`run_loss_values` and
+:func:`run_assigned_sq_distances`: eager calls on the C++ backend take the C++ autograd steps
+(``oodkernels::cpu_center_sq_distances_step`` / ``cpu_center_loss_step`` / ``cpu_assigned_sq_distances_step``,
+the same operators with their backward registered in C++, csrc/centers.cpp), everything else these custom ops.
+
 ``block_* = 0`` picks the launch heuristic; tests force small blocks (multi-tile paths) with
 :func:`forced_blocks`. TF32 for fp32 ``tl.dot`` is opt-in through :func:`tf32_dot` (about 1e-3 relative
 error, and it worsens the expansion's cancellation ~8000x; KERNEL_GUIDE §3).
@@ -394,3 +399,73 @@ def _loss_backward(ctx, grad_values, grad_stats):
 
 center_loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 center_loss_bwd.register_autograd(_raise_double_backward("center_loss_bwd"), setup_context=_no_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager C++ calls: the same operators without the custom ops' Python layers (csrc/centers.cpp, "eager
+# steps": each forward with its backward registered as one C++ autograd function)
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    # a Parameter (trainable centers) is a plain tensor to the dispatcher: it overrides no torch function
+    return t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta)
+
+
+def _eager_cpp(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether an eager call can take the C++ step: not compiling or tracing, plain tensors (no subclass, no
+    meta), and the C++ backend selected for ``x``."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return _plain(x) and all(_plain(t) for t in others) and _on_cpp(x)
+
+
+def run_sq_distances(
+    x: Tensor, centers: Tensor, out_dtype: torch.dtype, tf32: bool, block_b: int, block_k: int, block_d: int
+) -> Tensor:
+    """``oodkernels::center_sq_distances``, called the cheapest way that keeps its semantics.
+
+    Eager calls on the C++ backend run ``oodkernels::cpu_center_sq_distances_step``: the same C++ operators with
+    their backward registered in C++ (no Python autograd layer: at (4096, 100, 100) the custom op's Python
+    dispatch and generated autograd wrapper cost about a fifth of the CAC step). Everything else (CUDA, the
+    interpreter, ``torch.compile``, tracing, fake tensors, subclasses) goes through the custom op, which opcheck
+    and the compiler see.
+    """
+    if _eager_cpp(x, centers):
+        return torch.ops.oodkernels.cpu_center_sq_distances_step(x, centers, out_dtype, tf32, block_b, block_k, block_d)
+    return torch.ops.oodkernels.center_sq_distances(x, centers, out_dtype, tf32, block_b, block_k, block_d)
+
+
+def run_loss_values(
+    x: Tensor,
+    centers: Optional[Tensor],
+    targets: Tensor,
+    margin: Optional[Tensor],
+    kind: int,
+    p0: float,
+    p1: float,
+    p2: float,
+    p3: float,
+    tf32: bool,
+    block_b: int,
+    block_k: int,
+    block_d: int,
+) -> Tensor:
+    """The per-row ``values`` of ``oodkernels::center_loss_fwd`` (differentiable in ``x`` and ``centers``), called
+    the cheapest way: eager calls on the C++ backend run ``oodkernels::cpu_center_loss_step`` (the statistics stay
+    inside its autograd function), everything else the custom op (see :func:`run_sq_distances`)."""
+    args = (x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)
+    if _eager_cpp(x, centers, targets, margin):
+        return torch.ops.oodkernels.cpu_center_loss_step(*args)
+    values, _ = torch.ops.oodkernels.center_loss_fwd(*args)
+    return values
+
+
+def run_assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
+    """``oodkernels::assigned_sq_distances``, called the cheapest way: eager calls on the C++ backend run
+    ``oodkernels::cpu_assigned_sq_distances_step`` after the op's own metadata checks, everything else the custom
+    op (see :func:`run_sq_distances`)."""
+    if _eager_cpp(x, centers, index):
+        _check_assigned(x, centers, index)
+        return torch.ops.oodkernels.cpu_assigned_sq_distances_step(x, centers, index)
+    return torch.ops.oodkernels.assigned_sq_distances(x, centers, index)

@@ -37,7 +37,7 @@ from ..reference._common import id_mask_with_warning
 from ..reference._common import masked_sum
 from ..reference._common import result_dtypes
 from ..reference._distributed import GlobalCounts
-from . import center_ops  # noqa: F401  (registers the custom ops)
+from . import center_ops  # registers the custom ops
 from .center_ops import launch_args
 
 
@@ -47,7 +47,7 @@ def sq_distances(x: Tensor, y: Tensor, out_dtype: Optional[torch.dtype] = None) 
     out_dtype = promoted if out_dtype is None else out_dtype
     if out_dtype == torch.float64 and x.dtype != torch.float64 and y.dtype != torch.float64:
         x = x.to(torch.float64)  # the reference computes a float64 result in float64
-    return torch.ops.oodkernels.center_sq_distances(x, y, out_dtype, *launch_args())
+    return center_ops.run_sq_distances(x, y, out_dtype, *launch_args())
 
 
 def pairwise_sq_distances(features: Tensor, centers: Tensor) -> Tensor:
@@ -67,8 +67,7 @@ def _margin_tensor(margin, like: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def _values(x, centers, targets, margin, kind, params):
-    values, _ = torch.ops.oodkernels.center_loss_fwd(x, centers, targets, margin, kind, *params, *launch_args())
-    return values
+    return center_ops.run_loss_values(x, centers, targets, margin, kind, *params, *launch_args())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +191,7 @@ def mchad_loss(
 def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
     """Fused :func:`oodkernels.reference.centers.assigned_sq_distances`: (B, D), (K, D), (B,) -> (B,), no
     checks (the caller owns the indices' range)."""
-    return torch.ops.oodkernels.assigned_sq_distances(x, centers, index)
+    return center_ops.run_assigned_sq_distances(x, centers, index)
 
 
 #: dispatched operation name -> fused implementation
