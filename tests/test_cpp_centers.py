@@ -216,6 +216,43 @@ def test_cac_anchors_module_path_against_reference(monkeypatch, name):
     compare("cpp", monkeypatch, lambda z, m, t: ONE_CALL[name][0](z, m, t, **kwargs), [x, anchors, y])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_center_pass(cpp, monkeypatch, dtype):
+    """One center with D >= the vector width (DeepSVDD/SAD): one pass over the rows, no GEMM, the reference's
+    values and gradients within rounding; narrower rows keep the GEMM (bitwise the reference's). A zero in the
+    saved distances makes the backward recompute the row's raw expansion with that same pass."""
+    x = features(64, 37, dtype=dtype, seed=3)
+    x[5] = -x[5]  # a strided copy below too
+    mu = features(1, 37, dtype=dtype, seed=4)
+    args = (dtype, False, 0, 0, 0)
+    got = torch.ops.oodkernels.cpu_center_sq_distances(x, mu, *args)
+    tol = FP32 if dtype == torch.float32 else testing.tolerances(dtype)
+    testing.assert_close(got, ref_centers.sq_distances(x, mu), atol=tol[0], rtol=tol[1])
+    strided = torch.cat([x, x], 1)[:, ::2]
+    testing.assert_close(
+        torch.ops.oodkernels.cpu_center_sq_distances(strided, mu, *args), ref_centers.sq_distances(strided, mu),
+        atol=tol[0], rtol=tol[1],
+    )  # fmt: skip
+    assert "aten::mm" not in _aten_ops(lambda: torch.ops.oodkernels.cpu_center_sq_distances(x, mu, *args))
+    narrow = x[:, :3]
+    assert torch.equal(
+        torch.ops.oodkernels.cpu_center_sq_distances(narrow, mu[:, :3], *args),
+        ref_centers.sq_distances(narrow, mu[:, :3]),
+    )
+    # DeepSVDD's criterion, values and gradients against the reference
+    svdd = ok.loss.DeepSVDDLoss(n_dim=37, center=mu[0].float()).to(dtype)
+    ref = ok.reference.DeepSVDDLoss(n_dim=37, center=mu[0].float()).to(dtype)
+    compare("cpp", monkeypatch, lambda z: svdd(z), [x.clone().requires_grad_()], tol=tol, other="reference")
+    testing.assert_close(svdd(x), ref(x), atol=tol[0], rtol=tol[1])
+    # saved zeros on rows far from μ (raw > 0): the recompute passes their gradient; elsewhere dist > 0 passes
+    dist = got.clone()
+    dist[[1, 7]] = 0.0
+    grad = torch.linspace(-1.0, 1.0, 64, dtype=dtype).reshape(64, 1)
+    grad_x, grad_m = torch.ops.oodkernels.cpu_center_sq_distances_grads(grad, dist, x, mu, True, True, False, 0, 0, 0)
+    testing.assert_close(grad_x, 2 * grad * (x - mu), atol=tol[0], rtol=tol[1])
+    testing.assert_close(grad_m, -2 * (grad * (x - mu)).sum(0, keepdim=True), atol=tol[0], rtol=tol[1])
+
+
 def _eager_and_custom_op(fn_step, fn_op, inputs, create_graph=False):
     """Values and gradients of the C++ eager step and of the custom op on the same inputs (fresh leaves)."""
     results = []
