@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -131,6 +132,29 @@ inline acc_t hmax(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
 }
 
+// Temporaries that never leave an operator (the norms' squares, the distance backward's masked G) live in a
+// buffer kept per thread and purpose, reused across calls: a fresh multi-MiB tensor pays its page faults on
+// first touch every step (the (4096, 128) fp32 pow(2) of the norms took ~35 us in a loop of its own and
+// ~350 us inside a training step's allocation pattern). At most SCRATCH_MAX_BYTES are kept per purpose; larger
+// temporaries are allocated as usual.
+constexpr int64_t SCRATCH_MAX_BYTES = int64_t(64) << 20;
+enum ScratchPurpose { SCRATCH_SQUARES = 0, SCRATCH_MASKED_GRAD = 1, N_SCRATCH = 2 };
+
+// an uninitialised contiguous tensor of `sizes` and `dtype` on the CPU, valid until the next call for `purpose`
+// on this thread
+Tensor scratch(ScratchPurpose purpose, at::IntArrayRef sizes, at::ScalarType dtype) {
+  thread_local std::array<Tensor, N_SCRATCH> buffers;
+  int64_t numel = 1;
+  for (int64_t n : sizes) numel *= n;
+  const int64_t bytes = numel * int64_t(c10::elementSize(dtype));
+  if (bytes > SCRATCH_MAX_BYTES) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  Tensor& buffer = buffers[purpose];
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::empty({std::max<int64_t>(bytes, 1 << 16)}, at::TensorOptions().dtype(at::kByte));
+  }
+  return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
+}
+
 // s when the centers m (K, D) are s·I: K = D, every diagonal entry s, every other entry ±0 (CAC's anchors are
 // magnitude · identity). Then each product a·mᵀ or g·m has one nonzero term per entry, a_ik·s, which the GEMM
 // rounds exactly as a multiply does (the other terms add exact zeros), so the product is a scaled copy instead of
@@ -186,7 +210,13 @@ struct Geometry {
   Geometry(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
     xa = x.to(acc);
     ma = centers.to(acc);
-    xn = xa.pow(2).sum(1).contiguous();
+    // the reference's pow(2).sum(1); contiguous squares go into a reused buffer (same ops, same layout, same bits)
+    if (xa.is_contiguous()) {
+      Tensor squares = scratch(SCRATCH_SQUARES, xa.sizes(), acc);
+      xn = at::pow_out(squares, xa, 2).sum(1).contiguous();
+    } else {
+      xn = xa.pow(2).sum(1).contiguous();  // pow keeps xa's layout, and the sum's order follows it
+    }
     mn = ma.pow(2).sum(1).contiguous();
     B = x.size(0);
     K = centers.size(0);
@@ -498,7 +528,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const acc_t* GI = go.const_data_ptr<acc_t>();
     const acc_t* DI = d.const_data_ptr<acc_t>();
     const int64_t s0 = go.stride(0), s1 = go.stride(1), t0 = d.stride(0), t1 = d.stride(1);
-    Tensor G = at::empty({B, K}, x.options().dtype(acc));
+    Tensor G = scratch(SCRATCH_MASKED_GRAD, {B, K}, acc);  // read by the products below, never returned
     acc_t* O = G.mutable_data_ptr<acc_t>();
     std::vector<char> row_has_zero(B, 0);
     std::vector<int64_t> row_nnz(B, 0);
