@@ -61,6 +61,12 @@ at::ScalarType acc_of(const Tensor& x, const std::optional<Tensor>& centers) {
   return fp64 ? at::kDouble : at::kFloat;
 }
 
+// t in `dtype`: itself when it already is (Tensor::to would still cost a dispatcher call, ~2 us, and the center
+// ops make a dozen such calls per step)
+Tensor in_dtype(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 void check_features(const Tensor& x, const Tensor& centers, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && centers.device().is_cpu(), "oodkernels::", op, ": expected CPU tensors");
   TORCH_CHECK(
@@ -152,7 +158,7 @@ Tensor scratch(ScratchPurpose purpose, at::IntArrayRef sizes, at::ScalarType dty
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::empty({std::max<int64_t>(bytes, 1 << 16)}, at::TensorOptions().dtype(at::kByte));
   }
-  return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
+  return at::from_blob(buffer.data_ptr(), sizes, at::TensorOptions().dtype(dtype));  // no dispatcher calls
 }
 
 // s when the centers m (K, D) are s·I: K = D, every diagonal entry s, every other entry ±0 (CAC's anchors are
@@ -208,8 +214,8 @@ struct Geometry {
   std::optional<acc_t> identity;
 
   Geometry(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
-    xa = x.to(acc);
-    ma = centers.to(acc);
+    xa = in_dtype(x, acc);
+    ma = in_dtype(centers, acc);
     // the reference's pow(2).sum(1); contiguous squares go into a reused buffer (same ops, same layout, same bits)
     if (xa.is_contiguous()) {
       Tensor squares = scratch(SCRATCH_SQUARES, xa.sizes(), acc);
@@ -279,8 +285,8 @@ struct OneCenter {
   acc_t mn;  // ‖μ‖², the reference's own expression
 
   OneCenter(const Tensor& x, const Tensor& centers, at::ScalarType acc) {
-    xa = x.to(acc);
-    ma = centers.to(acc).contiguous();
+    xa = in_dtype(x, acc);
+    ma = in_dtype(centers, acc).contiguous();
     X = xa.const_data_ptr<acc_t>();
     M = ma.const_data_ptr<acc_t>();
     sx0 = xa.stride(0);
@@ -364,7 +370,7 @@ Tensor cpu_center_sq_distances(
       });
     }
   });
-  return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
+  return in_dtype(out, out_dtype);
 }
 
 // The gradient products dX = 2·(rowsum(G)⊙X − G·M) and dM = 2·(colsum(G)⊙M − Gᵀ·X), shared by the distance op's
@@ -393,8 +399,8 @@ std::tuple<Tensor, Tensor> gradient_products(
   const acc_t* O = G.const_data_ptr<acc_t>();
   const auto acc = G.scalar_type();
   Tensor grad_x = at::empty({0}, x.options()), grad_m = at::empty({0}, centers.options());
-  const Tensor xa = x.to(acc).contiguous();
-  const Tensor ma = centers.to(acc).contiguous();
+  const Tensor xa = in_dtype(x, acc).contiguous();
+  const Tensor ma = in_dtype(centers, acc).contiguous();
   int64_t nnz = 0;
   for (int64_t v : row_nnz) nnz += v;
   if (nnz * SPARSE_DIVISOR > B * K && K > ROW_LOOP_MAX_CENTERS) {
@@ -419,12 +425,12 @@ std::tuple<Tensor, Tensor> gradient_products(
       Tensor product = identity ? times_scaled_identity<acc_t>(G, *identity, ma, totals.const_data_ptr<acc_t>())
                                 : at::mm(G, ma).contiguous();  // (B, D)
       gemm_then_rank_one(product, xa, totals);
-      grad_x = product.to(x.scalar_type());
+      grad_x = in_dtype(product, x.scalar_type());
     }
     if (need_m) {
       Tensor product = at::mm(G.t(), xa).contiguous();  // (K, D)
       gemm_then_rank_one(product, ma, G.sum(0));
-      grad_m = product.to(centers.scalar_type());
+      grad_m = in_dtype(product, centers.scalar_type());
     }
     return {grad_x, grad_m};
   }
@@ -456,7 +462,7 @@ std::tuple<Tensor, Tensor> gradient_products(
         }
       }
     });
-    grad_x = gx.to(x.scalar_type());
+    grad_x = in_dtype(gx, x.scalar_type());
   }
   if (need_m) {
     // per-thread partial sums of Σ_i g_ic·x_i and colsum(G), then one reduction
@@ -477,9 +483,21 @@ std::tuple<Tensor, Tensor> gradient_products(
         }
       }
     });
-    const Tensor total = partial.sum(0);  // (K, D + 1)
-    const Tensor gx_sum = total.narrow(1, 0, D), colsum = total.narrow(1, D, 1);
-    grad_m = ((colsum * ma - gx_sum) * acc_t(2)).to(centers.scalar_type());
+    // the threads' partials summed in thread order, then dM_c = 2·(colsum_c·m_c − Σ_i g_ic·x_i), one pass
+    Tensor gm = at::empty({K, D}, centers.options().dtype(acc));
+    acc_t* GM = gm.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> total(D + 1);
+      for (int64_t c = begin; c < end; ++c) {
+        std::fill(total.begin(), total.end(), acc_t(0));
+        for (int t = 0; t < threads; ++t) {
+          const acc_t* part = P + (int64_t(t) * K + c) * (D + 1);
+          for (int64_t d = 0; d <= D; ++d) total[d] += part[d];
+        }
+        for (int64_t d = 0; d < D; ++d) GM[c * D + d] = (total[D] * M[c * D + d] - total[d]) * acc_t(2);
+      }
+    });
+    grad_m = in_dtype(gm, centers.scalar_type());
   }
   return {grad_x, grad_m};
 }
@@ -523,8 +541,8 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
   AT_DISPATCH_FLOATING_TYPES(acc, "cpu_center_sq_distances_grads", [&] {
     using acc_t = scalar_t;
     using Vec = at::vec::Vectorized<acc_t>;
-    const Tensor go = grad.to(acc);  // any strides: read through them
-    const Tensor d = dist.to(acc);  // exact: a clamped value is 0 or positive in every float dtype
+    const Tensor go = in_dtype(grad, acc);  // any strides: read through them
+    const Tensor d = in_dtype(dist, acc);  // exact: a clamped value is 0 or positive in every float dtype
     const acc_t* GI = go.const_data_ptr<acc_t>();
     const acc_t* DI = d.const_data_ptr<acc_t>();
     const int64_t s0 = go.stride(0), s1 = go.stride(1), t0 = d.stride(0), t1 = d.stride(1);
@@ -641,7 +659,7 @@ Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const T
   AT_DISPATCH_FLOATING_TYPES(acc, "cpu_assigned_sq_distances", [&] {
     using acc_t = scalar_t;
     using Vec = at::vec::Vectorized<acc_t>;
-    const Tensor xa = x.to(acc).contiguous(), ma = centers.to(acc).contiguous(), idx = index.contiguous();
+    const Tensor xa = in_dtype(x, acc).contiguous(), ma = in_dtype(centers, acc).contiguous(), idx = index.contiguous();
     const acc_t* X = xa.const_data_ptr<acc_t>();
     const acc_t* M = ma.const_data_ptr<acc_t>();
     const int64_t* I = idx.const_data_ptr<int64_t>();
@@ -661,7 +679,7 @@ Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const T
       }
     });
   });
-  return out.scalar_type() == out_dtype ? out : out.to(out_dtype);
+  return in_dtype(out, out_dtype);
 }
 
 // dX_i = 2·g_i·(x_i − m_{index_i}); dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c), each class's rows summed in row
@@ -686,8 +704,8 @@ std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
   AT_DISPATCH_FLOATING_TYPES(acc, "cpu_assigned_sq_distances_grads", [&] {
     using acc_t = scalar_t;
     using Vec = at::vec::Vectorized<acc_t>;
-    const Tensor xa = x.to(acc).contiguous(), ma = centers.to(acc).contiguous(), idx = index.contiguous();
-    const Tensor go = grad.to(acc).contiguous();
+    const Tensor xa = in_dtype(x, acc).contiguous(), ma = in_dtype(centers, acc).contiguous(), idx = index.contiguous();
+    const Tensor go = in_dtype(grad, acc).contiguous();
     const acc_t* X = xa.const_data_ptr<acc_t>();
     const acc_t* M = ma.const_data_ptr<acc_t>();
     const acc_t* G = go.const_data_ptr<acc_t>();
@@ -701,7 +719,7 @@ std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
           at::vec::map2([scale](Vec a, Vec b) { return scale * (a - b); }, GX + i * D, X + i * D, M + I[i] * D, D);
         }
       });
-      grad_x = gx.scalar_type() == x.scalar_type() ? gx : gx.to(x.scalar_type());
+      grad_x = in_dtype(gx, x.scalar_type());
     }
     if (need_m) {
       // rows grouped by class, in row order: starts[c] .. starts[c + 1] of `order`
@@ -725,7 +743,7 @@ std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
           at::vec::map([](Vec o) { return Vec(acc_t(-2)) * o; }, out, out, D);
         }
       });
-      grad_m = gm.scalar_type() == centers.scalar_type() ? gm : gm.to(centers.scalar_type());
+      grad_m = in_dtype(gm, centers.scalar_type());
     }
   });
   return {grad_x, grad_m};
@@ -1069,7 +1087,7 @@ void for_each_raw_row(
   } else {
     // a distance matrix of any dtype and strides: contiguous ACC rows are read in place, others through one ACC
     // row buffer per thread
-    const Tensor xd = x.to(in.acc);
+    const Tensor xd = in_dtype(x, in.acc);
     const acc_t* X = xd.const_data_ptr<acc_t>();
     const int64_t s0 = xd.stride(0), s1 = xd.stride(1);
     at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
@@ -1187,15 +1205,15 @@ Tensor cpu_center_loss_bwd(
       in.B);
   const int64_t B = in.B, K = in.K;
   Tensor grad = at::empty({B, K}, x.options().dtype(in.acc));
-  if (B == 0 || K == 0) return in.features ? grad : grad.to(x.scalar_type());
+  if (B == 0 || K == 0) return in.features ? grad : in_dtype(grad, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(in.acc, "cpu_center_loss_bwd", [&] {
     using acc_t = scalar_t;
     const LossParams<acc_t> p = loss_params<acc_t>(in, kind, p0, p1, p2, p3, margin);
     const int64_t* Y = in.y.const_data_ptr<int64_t>();
     const int64_t sy = in.y.stride(0);
-    const Tensor st = stats.to(in.acc).contiguous();
+    const Tensor st = in_dtype(stats, in.acc).contiguous();
     const acc_t* S = st.const_data_ptr<acc_t>();
-    const Tensor gv = grad_values.to(in.acc);
+    const Tensor gv = in_dtype(grad_values, in.acc);
     const acc_t* GV = gv.const_data_ptr<acc_t>();
     const int64_t sg = gv.dim() ? gv.stride(0) : 0;
     acc_t* G = grad.mutable_data_ptr<acc_t>();
@@ -1205,7 +1223,7 @@ Tensor cpu_center_loss_bwd(
       backward_row<acc_t>(raw, GV[i * sg], S[i], S[B + i], S[2 * B + i], l, p, G + i * K);
     });
   });
-  return in.features ? grad : grad.to(x.scalar_type());
+  return in.features ? grad : in_dtype(grad, x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
