@@ -426,10 +426,10 @@ def run_sq_distances(
     """``oodkernels::center_sq_distances``, called the cheapest way that keeps its semantics.
 
     Eager calls on the C++ backend run ``oodkernels::cpu_center_sq_distances_step``: the same C++ operators with
-    their backward registered in C++ (no Python autograd layer: at (4096, 100, 100) the custom op's Python
-    dispatch and generated autograd wrapper cost about a fifth of the CAC step). Everything else (CUDA, the
-    interpreter, ``torch.compile``, tracing, fake tensors, subclasses) goes through the custom op, which opcheck
-    and the compiler see.
+    their backward registered in C++, without the custom op's Python dispatch and generated autograd wrapper
+    (forward and backward of the distance op on a tiny input: 316-344 us through the custom op, 165 us through
+    the step). Everything else (CUDA, the interpreter, ``torch.compile``, tracing, fake tensors, subclasses) goes
+    through the custom op, which opcheck and the compiler see.
     """
     if _eager_cpp(x, centers):
         return torch.ops.oodkernels.cpu_center_sq_distances_step(x, centers, out_dtype, tf32, block_b, block_k, block_d)
