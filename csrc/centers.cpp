@@ -1370,7 +1370,8 @@ class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
     const bool tf32 = ctx->saved_data["tf32"].toBool();
     const auto blocks = ctx->saved_data["blocks"].toIntVector();
     if (at::GradMode::is_enabled()) {
-      // create_graph: G from the custom op (its backward raises), the products as differentiable ATen ops
+      // create_graph: G from the custom op, then the products from the distance op's backward op with nothing
+      // clamped (all-positive distances): both custom ops raise the double-backward error in their own backward
       const Tensor g = call_boxed(
                            "oodkernels::center_loss_bwd",
                            {grads[0], x, optional_ivalue(centers), targets, optional_ivalue(margin), stats, kind, p[0],
@@ -1380,9 +1381,11 @@ class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
         out[0] = g;
         return out;
       }
-      const Tensor xa = x.to(g.scalar_type()), ma = centers.to(g.scalar_type());
-      if (need_x) out[0] = at::addmm(g.sum(1, true) * xa, g, ma, 2.0, -2.0).to(x.scalar_type());
-      if (need_m) out[1] = at::addmm(g.sum(0).unsqueeze(1) * ma, g.t(), xa, 2.0, -2.0).to(centers.scalar_type());
+      auto stack = call_boxed(
+          "oodkernels::center_sq_distances_grads",
+          {g, at::ones_like(g), x, centers, need_x, need_m, tf32, blocks[0], blocks[1], blocks[2]});
+      out[0] = defined_if(need_x, stack[0].toTensor());
+      out[1] = defined_if(need_m, stack[1].toTensor());
       return out;
     }
     const Tensor g = cpu_center_loss_bwd(

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import codes
+from ._eager import plain_eager_call
 
 _FORCED_BLOCKS: list = [None]
 _TF32: list = [False]
@@ -407,17 +408,10 @@ center_loss_bwd.register_autograd(_raise_double_backward("center_loss_bwd"), set
 # ----------------------------------------------------------------------------------------------
 
 
-def _plain(t: Optional[Tensor]) -> bool:
-    # a Parameter (trainable centers) is a plain tensor to the dispatcher: it overrides no torch function
-    return t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta)
-
-
 def _eager_cpp(x: Tensor, *others: Optional[Tensor]) -> bool:
-    """Whether an eager call can take the C++ step: not compiling or tracing, plain tensors (no subclass, no
-    meta), and the C++ backend selected for ``x``."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return _plain(x) and all(_plain(t) for t in others) and _on_cpp(x)
+    """Whether an eager call can take the C++ step: a plain eager call (:func:`~oodkernels.ops._eager.plain_eager_call`)
+    with the C++ backend selected for ``x``."""
+    return plain_eager_call(x, *others) and _on_cpp(x)
 
 
 def run_sq_distances(

@@ -78,6 +78,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import codes
+from ._eager import plain_eager_call
 
 _FORCED_BLOCKS: list = [None]
 
@@ -532,10 +533,6 @@ row_loss_reduced_bwd.register_autograd(_reduced_bwd_backward, setup_context=_bwd
 # ----------------------------------------------------------------------------------------------
 
 
-def _plain(t: Optional[Tensor]) -> bool:
-    return t is None or (type(t) is Tensor and not t.is_meta)
-
-
 def row_loss_reduced(
     logits: Tensor,
     targets: Tensor,
@@ -562,8 +559,7 @@ def row_loss_reduced(
     """
     args = (logits, targets, weight, cost, kind, alpha, m_in, m_out, ignore_index, background, reduction, checks,
             block_r, block_c)  # fmt: skip
-    eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    if eager and _plain(logits) and _plain(targets) and _plain(weight) and _plain(cost) and _on_cpp(logits):
+    if plain_eager_call(logits, targets, weight, cost) and _on_cpp(logits):
         out, totals = torch.ops.oodkernels.cpu_row_loss_reduced_step(*args)
         return out, totals, None
     return torch.ops.oodkernels.row_loss_reduced_fwd(*args)
