@@ -384,16 +384,82 @@ constexpr int64_t SPARSE_DIVISOR = 8;
 // X, where a GEMM call would cost more than its few FLOPs (DeepSVDD/SAD: K = 1)
 constexpr int64_t ROW_LOOP_MAX_CENTERS = 8;
 
-// the products from G (B, K), contiguous in ACC, whose row i holds row_nnz[i] nonzeros; in the inputs' dtypes, a
-// (0,) placeholder for an input that needs no gradient
+// What the products read of G (B, K) besides G itself, gathered in the pass that writes or first reads G: each row's
+// nonzeros (they pick the loops), and rowsum(G) (B,) and colsum(G) (K,) for the dense path's rank-one terms (two
+// ATen reductions, two more passes over G, otherwise; ~100 us each inside the MCHAD step at 4096 x 100).
+template <typename acc_t>
+struct GradSummary {
+  std::vector<int64_t> row_nnz;
+  Tensor row_totals, col_totals;  // ACC; undefined where a later change to G made them stale (ATen sums G then)
+  acc_t* rows = nullptr;
+  acc_t* col_partials = nullptr;  // one K-row per thread, summed by finish()
+  int64_t K = 0;
+
+  GradSummary(int64_t B, int64_t K_, at::ScalarType acc) : row_nnz(B, 0), K(K_) {
+    row_totals = at::empty({B}, at::TensorOptions().dtype(acc));
+    col_totals = at::zeros({at::get_num_threads(), K}, at::TensorOptions().dtype(acc));
+    rows = row_totals.mutable_data_ptr<acc_t>();
+    col_partials = col_totals.mutable_data_ptr<acc_t>();
+  }
+
+  // row i of G (contiguous, in L1 right after its write): its nonzeros, its sum, its entries added to this
+  // thread's column sums. Inside at::parallel_for only.
+  void add_row(int64_t i, const acc_t* row) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    acc_t* cols = col_partials + int64_t(at::get_thread_num()) * K;
+    Vec total(acc_t(0));
+    int64_t nnz = 0, c = 0;
+    for (; c + Vec::size() <= K; c += Vec::size()) {
+      const Vec v = Vec::loadu(row + c);
+      total = total + v;
+      (Vec::loadu(cols + c) + v).store(cols + c);
+      nnz += Vec::size() - __builtin_popcount(v.zero_mask());
+    }
+    acc_t sum = hsum(total);
+    for (; c < K; ++c) {
+      sum += row[c];
+      cols[c] += row[c];
+      nnz += row[c] != acc_t(0);
+    }
+    rows[i] = sum;
+    row_nnz[i] = nnz;
+  }
+
+  // after the pass: the threads' column sums added in thread order
+  void finish() {
+    col_totals = col_totals.sum(0);
+  }
+
+  void forget_totals() {
+    row_totals = Tensor();
+    col_totals = Tensor();
+  }
+};
+
+// the summary of a G (B, K) contiguous in ACC that was written elsewhere (the loss backward's), one pass
+template <typename acc_t>
+GradSummary<acc_t> summarize(const Tensor& G) {
+  const int64_t B = G.size(0), K = G.size(1);
+  const acc_t* P = G.const_data_ptr<acc_t>();
+  GradSummary<acc_t> summary(B, K, G.scalar_type());
+  at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) summary.add_row(i, P + i * K);
+  });
+  summary.finish();
+  return summary;
+}
+
+// the products from G (B, K), contiguous in ACC, and its summary; in the inputs' dtypes, a (0,) placeholder for an
+// input that needs no gradient
 template <typename acc_t>
 std::tuple<Tensor, Tensor> gradient_products(
     const Tensor& G,
-    const std::vector<int64_t>& row_nnz,
+    const GradSummary<acc_t>& summary,
     const Tensor& x,
     const Tensor& centers,
     bool need_x,
     bool need_m) {
+  const std::vector<int64_t>& row_nnz = summary.row_nnz;
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t B = G.size(0), K = G.size(1), D = x.size(1);
   const acc_t* O = G.const_data_ptr<acc_t>();
@@ -420,7 +486,7 @@ std::tuple<Tensor, Tensor> gradient_products(
       });
     };
     if (need_x) {
-      const Tensor totals = G.sum(1);
+      const Tensor totals = summary.row_totals.defined() ? summary.row_totals : G.sum(1);
       const auto identity = scaled_identity<acc_t>(ma);
       Tensor product = identity ? times_scaled_identity<acc_t>(G, *identity, ma, totals.const_data_ptr<acc_t>())
                                 : at::mm(G, ma).contiguous();  // (B, D)
@@ -429,7 +495,7 @@ std::tuple<Tensor, Tensor> gradient_products(
     }
     if (need_m) {
       Tensor product = at::mm(G.t(), xa).contiguous();  // (K, D)
-      gemm_then_rank_one(product, ma, G.sum(0));
+      gemm_then_rank_one(product, ma, summary.col_totals.defined() ? summary.col_totals : G.sum(0));
       grad_m = in_dtype(product, centers.scalar_type());
     }
     return {grad_x, grad_m};
@@ -549,7 +615,8 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     Tensor G = scratch(SCRATCH_MASKED_GRAD, {B, K}, acc);  // read by the products below, never returned
     acc_t* O = G.mutable_data_ptr<acc_t>();
     std::vector<char> row_has_zero(B, 0);
-    std::vector<int64_t> row_nnz(B, 0);
+    GradSummary<acc_t> summary(B, K, acc);
+    std::vector<int64_t>& row_nnz = summary.row_nnz;
     // 1. the mask from d, one pass over the rows (vectorised where both rows are contiguous)
     const bool dense_rows = s1 == 1 && t1 == 1;
     at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
@@ -557,31 +624,28 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row = O + i * K;
         char zero = 0;
-        int64_t nnz = 0;
         int64_t c = 0;
         if (dense_rows) {
           for (; c + Vec::size() <= K; c += Vec::size()) {
             const Vec dv = Vec::loadu(DI + i * t0 + c);
-            const Vec value = Vec::blendv(zero_vec, Vec::loadu(GI + i * s0 + c), dv > zero_vec);
-            value.store(row + c);
+            Vec::blendv(zero_vec, Vec::loadu(GI + i * s0 + c), dv > zero_vec).store(row + c);
             zero |= dv.zero_mask() != 0;
-            nnz += Vec::size() - __builtin_popcount(value.zero_mask());
           }
         }
         for (; c < K; ++c) {
           const acc_t dv = DI[i * t0 + c * t1];
-          const acc_t value = dv > acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
+          row[c] = dv > acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
           zero |= dv == acc_t(0);
-          nnz += value != acc_t(0);
-          row[c] = value;
         }
         row_has_zero[i] = zero;
-        row_nnz[i] = nnz;
+        summary.add_row(i, row);
       }
     });
+    summary.finish();
     // 2. the exact zeros: raw recomputed as the forward computed it (bitwise), row by row on the one-center pass,
     // else per forward chunk of rows that holds one
     const bool any_zero = std::any_of(row_has_zero.begin(), row_has_zero.end(), [](char z) { return z != 0; });
+    if (any_zero) summary.forget_totals();  // the pass below may let gradient through at raw == 0
     if (any_zero && takes_one_center_pass<acc_t>(K, D)) {
       const OneCenter<acc_t> one(x, centers, acc);
       for (int64_t i = 0; i < B; ++i) {
@@ -618,7 +682,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
       }
     }
     // 3. the products
-    std::tie(grad_x, grad_m) = gradient_products<acc_t>(G, row_nnz, x, centers, need_x, need_m);
+    std::tie(grad_x, grad_m) = gradient_products<acc_t>(G, summary, x, centers, need_x, need_m);
   });
   return {grad_x, grad_m};
 }
@@ -1315,22 +1379,6 @@ Tensor cpu_center_sq_distances_step(
   return SqDistancesStep::apply(x, centers, out_dtype, tf32, block_b, block_k, block_d)[0];
 }
 
-// the nonzeros of each row of G (B, K), contiguous in ACC: the products pick their loops by them
-template <typename acc_t>
-std::vector<int64_t> row_nonzeros(const Tensor& G) {
-  const int64_t B = G.size(0), K = G.size(1);
-  const acc_t* P = G.const_data_ptr<acc_t>();
-  std::vector<int64_t> nnz(B, 0);
-  at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t n = 0;
-      for (int64_t c = 0; c < K; ++c) n += P[i * K + c] != acc_t(0);
-      nnz[i] = n;
-    }
-  });
-  return nnz;
-}
-
 class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
  public:
   static variable_list forward(
@@ -1396,7 +1444,7 @@ class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
       return out;
     }
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cpu_center_loss_step", [&] {
-      auto [grad_x, grad_m] = gradient_products<scalar_t>(g, row_nonzeros<scalar_t>(g), x, centers, need_x, need_m);
+      auto [grad_x, grad_m] = gradient_products<scalar_t>(g, summarize<scalar_t>(g), x, centers, need_x, need_m);
       out[0] = defined_if(need_x, grad_x);
       out[1] = defined_if(need_m, grad_m);
     });
