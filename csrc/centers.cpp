@@ -1379,6 +1379,74 @@ Tensor cpu_center_sq_distances_step(
   return SqDistancesStep::apply(x, centers, out_dtype, tf32, block_b, block_k, block_d)[0];
 }
 
+// The loss step's backward from the per-row gradient γ = ∂L/∂values (B,): the loss op's G = γ·∂ℓ/∂d, then the
+// products dX, dM (features and centers), or G itself (a distance matrix). `saved` holds x, centers, targets,
+// margin, stats (undefined: absent); slots 0 and 1 of the returned list get the gradients.
+variable_list loss_step_grads(
+    AutogradContext* ctx,
+    const variable_list& saved,
+    const Tensor& gamma,
+    int64_t n_outputs) {
+  variable_list out(n_outputs);
+  const Tensor &x = saved[0], &centers = saved[1], &targets = saved[2], &margin = saved[3], &stats = saved[4];
+  const bool need_x = ctx->needs_input_grad(0), need_m = centers.defined() && ctx->needs_input_grad(1);
+  if (!gamma.defined() || !(need_x || need_m)) return out;
+  const int64_t kind = ctx->saved_data["kind"].toInt();
+  const auto p = ctx->saved_data["params"].toDoubleVector();
+  const bool tf32 = ctx->saved_data["tf32"].toBool();
+  const auto blocks = ctx->saved_data["blocks"].toIntVector();
+  if (at::GradMode::is_enabled()) {
+    // create_graph: G from the custom op, then the products from the distance op's backward op with nothing
+    // clamped (all-positive distances): both custom ops raise the double-backward error in their own backward
+    const Tensor g = call_boxed(
+                         "oodkernels::center_loss_bwd",
+                         {gamma, x, optional_ivalue(centers), targets, optional_ivalue(margin), stats, kind, p[0],
+                          p[1], p[2], p[3], tf32, blocks[0], blocks[1], blocks[2]})[0]
+                         .toTensor();
+    if (!centers.defined()) {
+      out[0] = g;
+      return out;
+    }
+    auto stack = call_boxed(
+        "oodkernels::center_sq_distances_grads",
+        {g, at::ones_like(g), x, centers, need_x, need_m, tf32, blocks[0], blocks[1], blocks[2]});
+    out[0] = defined_if(need_x, stack[0].toTensor());
+    out[1] = defined_if(need_m, stack[1].toTensor());
+    return out;
+  }
+  const Tensor g = cpu_center_loss_bwd(
+      gamma, x, optional_tensor(centers), targets, optional_tensor(margin), stats, kind, p[0], p[1], p[2], p[3], tf32,
+      blocks[0], blocks[1], blocks[2]);
+  if (!centers.defined()) {
+    out[0] = g;
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cpu_center_loss_step", [&] {
+    auto [grad_x, grad_m] = gradient_products<scalar_t>(g, summarize<scalar_t>(g), x, centers, need_x, need_m);
+    out[0] = defined_if(need_x, grad_x);
+    out[1] = defined_if(need_m, grad_m);
+  });
+  return out;
+}
+
+void save_loss_step(
+    AutogradContext* ctx,
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    const Tensor& stats,
+    int64_t kind,
+    std::vector<double> params,
+    bool tf32,
+    std::vector<int64_t> blocks) {
+  ctx->save_for_backward({x, centers.value_or(Tensor()), targets, margin.value_or(Tensor()), stats});
+  ctx->saved_data["kind"] = kind;
+  ctx->saved_data["params"] = std::move(params);
+  ctx->saved_data["tf32"] = tf32;
+  ctx->saved_data["blocks"] = std::move(blocks);
+}
+
 class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
  public:
   static variable_list forward(
@@ -1399,56 +1467,12 @@ class CenterLossStep : public torch::autograd::Function<CenterLossStep> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [values, stats] =
         cpu_center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d);
-    ctx->save_for_backward({x, centers.value_or(Tensor()), targets, margin.value_or(Tensor()), stats});
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["params"] = std::vector<double>{p0, p1, p2, p3};
-    ctx->saved_data["tf32"] = tf32;
-    ctx->saved_data["blocks"] = std::vector<int64_t>{block_b, block_k, block_d};
+    save_loss_step(ctx, x, centers, targets, margin, stats, kind, {p0, p1, p2, p3}, tf32, {block_b, block_k, block_d});
     return {values};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(13);
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &centers = saved[1], &targets = saved[2], &margin = saved[3], &stats = saved[4];
-    const bool need_x = ctx->needs_input_grad(0), need_m = centers.defined() && ctx->needs_input_grad(1);
-    if (!grads[0].defined() || !(need_x || need_m)) return out;
-    const int64_t kind = ctx->saved_data["kind"].toInt();
-    const auto p = ctx->saved_data["params"].toDoubleVector();
-    const bool tf32 = ctx->saved_data["tf32"].toBool();
-    const auto blocks = ctx->saved_data["blocks"].toIntVector();
-    if (at::GradMode::is_enabled()) {
-      // create_graph: G from the custom op, then the products from the distance op's backward op with nothing
-      // clamped (all-positive distances): both custom ops raise the double-backward error in their own backward
-      const Tensor g = call_boxed(
-                           "oodkernels::center_loss_bwd",
-                           {grads[0], x, optional_ivalue(centers), targets, optional_ivalue(margin), stats, kind, p[0],
-                            p[1], p[2], p[3], tf32, blocks[0], blocks[1], blocks[2]})[0]
-                           .toTensor();
-      if (!centers.defined()) {
-        out[0] = g;
-        return out;
-      }
-      auto stack = call_boxed(
-          "oodkernels::center_sq_distances_grads",
-          {g, at::ones_like(g), x, centers, need_x, need_m, tf32, blocks[0], blocks[1], blocks[2]});
-      out[0] = defined_if(need_x, stack[0].toTensor());
-      out[1] = defined_if(need_m, stack[1].toTensor());
-      return out;
-    }
-    const Tensor g = cpu_center_loss_bwd(
-        grads[0], x, optional_tensor(centers), targets, optional_tensor(margin), stats, kind, p[0], p[1], p[2], p[3],
-        tf32, blocks[0], blocks[1], blocks[2]);
-    if (!centers.defined()) {
-      out[0] = g;
-      return out;
-    }
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cpu_center_loss_step", [&] {
-      auto [grad_x, grad_m] = gradient_products<scalar_t>(g, summarize<scalar_t>(g), x, centers, need_x, need_m);
-      out[0] = defined_if(need_x, grad_x);
-      out[1] = defined_if(need_m, grad_m);
-    });
-    return out;
+    return loss_step_grads(ctx, ctx->get_saved_variables(), grads[0], 13);
   }
 };
 
@@ -1467,6 +1491,114 @@ Tensor cpu_center_loss_step(
     int64_t block_k,
     int64_t block_d) {
   return CenterLossStep::apply(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d)[0];
+}
+
+// The criteria's reduction of the per-row values v_i (LOSS_CONTRACT.md §3; ops/centers.py for a process group):
+//
+//     CAC      L = Σ_ID v / max(N_ID, 1)
+//     CENTER   L = Σ_ID v / max(N_ID, 1) / max(K, 1)
+//     MCHAD    L = Σ_ID v / max(N_ID, 1) + Σ_OOD v
+//
+// with ID the rows labelled >= 0. The sums run in fp64 over the ACC values. Each row's weight in L is its γ in the
+// backward. totals (codes.TOTAL_*, fp64): Σ_ID v, Σ_OOD v, N_ID, N_OOD and the largest label >= 0 (-1 if none),
+// what the data checks read.
+struct RowWeights {
+  double id, ood;
+};
+
+RowWeights row_weights(int64_t kind, double n_id, int64_t K) {
+  const double id = 1.0 / std::max(n_id, 1.0) / (kind == CENTER ? double(std::max<int64_t>(K, 1)) : 1.0);
+  return {id, kind == MCHAD ? 1.0 : 0.0};
+}
+
+constexpr int64_t N_TOTALS = 5;
+
+class CenterLossReducedStep : public torch::autograd::Function<CenterLossReducedStep> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x,
+      const std::optional<Tensor>& centers,
+      const Tensor& targets,
+      const std::optional<Tensor>& margin,
+      int64_t kind,
+      double p0,
+      double p1,
+      double p2,
+      double p3,
+      at::ScalarType out_dtype,
+      bool tf32,
+      int64_t block_b,
+      int64_t block_k,
+      int64_t block_d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [values, stats] =
+        cpu_center_loss_fwd(x, centers, targets, margin, kind, p0, p1, p2, p3, tf32, block_b, block_k, block_d);
+    const Tensor y = in_dtype(targets, at::kLong);
+    const int64_t B = values.size(0), K = centers ? centers->size(0) : x.size(1), sy = y.stride(0);
+    const int64_t* Y = y.const_data_ptr<int64_t>();
+    std::array<double, N_TOTALS> t{0.0, 0.0, 0.0, 0.0, -1.0};
+    AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cpu_center_loss_reduced_step", [&] {
+      const scalar_t* V = values.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B; ++i) {
+        const int64_t label = Y[i * sy];
+        const bool id = label >= 0;
+        t[id ? 0 : 1] += double(V[i]);
+        t[id ? 2 : 3] += 1.0;
+        if (id) t[4] = std::max(t[4], double(label));
+      }
+    });
+    const RowWeights w = row_weights(kind, t[2], K);
+    // an OOD row's value enters MCHAD only: CAC and Center drop it even when it is not finite
+    const double loss = t[0] * w.id + (w.ood != 0.0 ? t[1] * w.ood : 0.0);
+    Tensor totals = at::empty({N_TOTALS}, at::TensorOptions().dtype(at::kDouble));
+    std::copy(t.begin(), t.end(), totals.mutable_data_ptr<double>());
+    save_loss_step(ctx, x, centers, targets, margin, stats, kind, {p0, p1, p2, p3}, tf32, {block_b, block_k, block_d});
+    ctx->saved_data["weights"] = std::vector<double>{w.id, w.ood};
+    ctx->mark_non_differentiable({totals});
+    // through ACC, as the reference rounds its mean, then the output dtype
+    Tensor out = at::scalar_tensor(loss, values.options().dtype(at::kDouble)).to(values.scalar_type()).to(out_dtype);
+    return {out, totals};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(15);
+    const auto w = ctx->saved_data["weights"].toDoubleVector();
+    const Tensor& targets = saved[2];
+    const Tensor& stats = saved[4];
+    const Tensor y = in_dtype(targets, at::kLong);
+    const int64_t B = targets.size(0), sy = y.stride(0);
+    const int64_t* Y = y.const_data_ptr<int64_t>();
+    const double g = grads[0].item<double>();
+    Tensor gamma = at::empty({B}, stats.options());
+    AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "cpu_center_loss_reduced_step", [&] {
+      const scalar_t id = scalar_t(g * w[0]), ood = scalar_t(g * w[1]);
+      scalar_t* G = gamma.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B; ++i) G[i] = Y[i * sy] >= 0 ? id : ood;
+    });
+    return loss_step_grads(ctx, saved, gamma, 15);
+  }
+};
+
+std::tuple<Tensor, Tensor> cpu_center_loss_reduced_step(
+    const Tensor& x,
+    const std::optional<Tensor>& centers,
+    const Tensor& targets,
+    const std::optional<Tensor>& margin,
+    int64_t kind,
+    double p0,
+    double p1,
+    double p2,
+    double p3,
+    at::ScalarType out_dtype,
+    bool tf32,
+    int64_t block_b,
+    int64_t block_k,
+    int64_t block_d) {
+  auto out = CenterLossReducedStep::apply(
+      x, centers, targets, margin, kind, p0, p1, p2, p3, out_dtype, tf32, block_b, block_k, block_d);
+  return {out[0], out[1]};
 }
 
 class AssignedSqDistancesStep : public torch::autograd::Function<AssignedSqDistancesStep> {
@@ -1530,6 +1662,10 @@ TORCH_LIBRARY_FRAGMENT(oodkernels, m) {
   m.def(
       "cpu_center_loss_step(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "
       "float p1, float p2, float p3, bool tf32, int block_b, int block_k, int block_d) -> Tensor");
+  m.def(
+      "cpu_center_loss_reduced_step(Tensor x, Tensor? centers, Tensor targets, Tensor? margin, int kind, float p0, "
+      "float p1, float p2, float p3, ScalarType out_dtype, bool tf32, int block_b, int block_k, int block_d) -> "
+      "(Tensor, Tensor)");
   m.def("cpu_assigned_sq_distances_step(Tensor x, Tensor centers, Tensor index) -> Tensor");
 }
 
@@ -1545,5 +1681,6 @@ TORCH_LIBRARY_IMPL(oodkernels, CPU, m) {
 TORCH_LIBRARY_IMPL(oodkernels, Autograd, m) {
   m.impl("cpu_center_sq_distances_step", &cpu_center_sq_distances_step);
   m.impl("cpu_center_loss_step", &cpu_center_loss_step);
+  m.impl("cpu_center_loss_reduced_step", &cpu_center_loss_reduced_step);
   m.impl("cpu_assigned_sq_distances_step", &cpu_assigned_sq_distances_step);
 }

@@ -324,7 +324,8 @@ def test_eager_calls_take_the_steps_and_compiled_ones_the_custom_ops(cpp):
             ok.ops.centers.assigned_sq_distances(z, m, y).sum()
         )
 
-    steps = {f"oodkernels::cpu_{name}_step" for name in ("center_sq_distances", "center_loss", "assigned_sq_distances")}
+    step_names = ("center_sq_distances", "center_loss_reduced", "assigned_sq_distances")
+    steps = {f"oodkernels::cpu_{name}_step" for name in step_names}
     custom_ops = {f"oodkernels::{name}" for name in ("center_sq_distances", "center_loss_fwd", "assigned_sq_distances")}
     eager = _aten_ops(lambda: step(x).backward())
     assert steps <= eager and not custom_ops & eager, eager
@@ -333,6 +334,64 @@ def test_eager_calls_take_the_steps_and_compiled_ones_the_custom_ops(cpp):
     compiled(x)  # compiles outside the profile
     traced = _aten_ops(lambda: compiled(x).backward())
     assert custom_ops <= traced and not steps & traced, traced
+
+
+def _torch_reduction(monkeypatch):
+    """The criteria's reduction in torch ops over the per-row values (what compiled and CUDA calls run)."""
+    monkeypatch.setattr(center_ops, "run_loss_reduced", lambda *args: None)
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "all_id", "all_ood", "empty"])
+@pytest.mark.parametrize("name", list(ONE_CALL))
+def test_reduced_step_equals_the_torch_reduction(cpp, monkeypatch, name, pattern):
+    """The eager reduced step (values, masks, normalisers and check values in one C++ autograd function) against
+    the per-row step and the reduction in torch ops, both from features and from a distance matrix: values and
+    gradients within fp32 rounding (its sums run in fp64), an empty ID set an attached 0 on both."""
+    fn, kwargs = ONE_CALL[name]
+    n = 0 if pattern == "empty" else B
+    x = features(n).requires_grad_()
+    m = features(K, seed=2).requires_grad_()
+    y = labels(pattern, n=n)
+    dist = ref_centers.sq_distances(features(n), m.detach()).requires_grad_()
+    calls = {
+        "features": (lambda a, c: fn(a, c, y, **kwargs), [x, m]),
+        "distances": (lambda d: FROM_DISTANCES[name](d, y, *kwargs.values()), [dist]),
+    }
+    for path, (call, inputs) in calls.items():
+        reduced = _eager_and_custom_op(call, call, inputs)[0]
+        with monkeypatch.context() as patch:
+            _torch_reduction(patch)
+            torch_reduced = _eager_and_custom_op(call, call, inputs)[0]
+        value, grads = reduced
+        expected, expected_grads = torch_reduced
+        assert value.shape == expected.shape == () and value.dtype == expected.dtype, path
+        testing.assert_close(value, expected, atol=FP32[0], rtol=FP32[1], name=f"{path} value")
+        for got, want in zip(grads, expected_grads):
+            testing.assert_close(got, want, atol=FP32[0], rtol=FP32[1], name=f"{path} gradient")
+        if pattern in ("all_ood", "empty") and name != "mchad":
+            assert value.item() == 0.0 and all(torch.count_nonzero(g) == 0 for g in grads), path
+
+
+def test_reduced_step_runs_and_reports_its_checks(cpp):
+    """The reduced step is what an eager criterion runs; its totals carry the data checks: the drop-unknown
+    warning (CAC, Center), the label range error (CAC, MCHAD), with the reference's messages."""
+    x = features().requires_grad_()
+    m = features(K, seed=2)
+    y = labels("mixed")
+    eager = _aten_ops(lambda: ok.functional.center_loss(x, m, y).backward())
+    assert "oodkernels::cpu_center_loss_reduced_step" in eager and "oodkernels::cpu_center_loss_step" not in eager
+    with pytest.warns(UserWarning, match="Discarding samples with targets < 0"):
+        ok.functional.cac_loss(x, m, y)
+    too_large = y.clone()
+    too_large[3] = K
+    for fn in (ok.functional.cac_loss, ok.functional.mchad_loss):
+        with pytest.raises(ValueError, match=f"{K}"):
+            fn(x, m, too_large)
+    out, totals = torch.ops.oodkernels.cpu_center_loss_reduced_step(
+        x, m, y, None, 0, 1.0, 0.0, 0.0, 0.0, torch.float32, *center_ops.launch_args()
+    )
+    n_ood = int((y < 0).sum())
+    assert totals.dtype == torch.float64 and totals.tolist()[2:] == [B - n_ood, n_ood, float(y.max())]
 
 
 def test_bad_inputs_raise(cpp):

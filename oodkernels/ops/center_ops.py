@@ -455,6 +455,33 @@ def run_loss_values(
     return values
 
 
+def run_loss_reduced(
+    x: Tensor,
+    centers: Optional[Tensor],
+    targets: Tensor,
+    margin: Optional[Tensor],
+    kind: int,
+    params: tuple,
+    out_dtype: torch.dtype,
+) -> Optional[tuple[Tensor, Tensor]]:
+    """The whole criterion of ``kind`` in one C++ autograd step, ``oodkernels::cpu_center_loss_reduced_step``:
+    the per-row values, their reduction (CAC ``Σ_ID v / N_ID``, Center the same over ``K``, MCHAD
+    ``Σ_ID v / N_ID + Σ_OOD v``; fp64 sums, an empty ID set gives an attached 0) and the data checks' values,
+    returned as ``(loss () in out_dtype, totals)`` with ``totals`` the fp64 ``codes.TOTAL_*`` (5,). The backward
+    hands each row its weight in the loss as γ.
+
+    None where the call is not a plain eager call on the C++ backend: the caller then runs
+    :func:`run_loss_values` and the reduction in torch ops, as compiled, traced and CUDA calls do. One criterion
+    step on the C++ backend thus costs one dispatcher call instead of a dozen small torch ops and their autograd
+    nodes (CenterLoss forward and backward over a given 4096 x 100 distance matrix: see csrc/README.md)."""
+    if not _eager_cpp(x, centers, targets, margin):
+        return None
+    out, totals = torch.ops.oodkernels.cpu_center_loss_reduced_step(
+        x, centers, targets, margin, kind, *params, out_dtype, *launch_args()
+    )
+    return out, totals
+
+
 def run_assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
     """``oodkernels::assigned_sq_distances``, called the cheapest way: eager calls on the C++ backend run
     ``oodkernels::cpu_assigned_sq_distances_step`` after the op's own metadata checks, everything else the custom

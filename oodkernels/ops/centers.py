@@ -23,17 +23,21 @@ the reference's gather, difference, square and sum (and their four backward pass
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 from typing import Union
 
 import torch
 from torch import Tensor
 
+from .. import config as ok_config
 from ..kernels import codes
 from ..reference import centers as _ref_centers
 from ..reference import distances as _ref
+from ..reference._common import DROP_UNKNOWN_MESSAGE
 from ..reference._common import DataChecks
 from ..reference._common import id_mask_with_warning
+from ..reference._common import label_out_of_range
 from ..reference._common import masked_sum
 from ..reference._common import result_dtypes
 from ..reference._distributed import GlobalCounts
@@ -75,22 +79,59 @@ def _values(x, centers, targets, margin, kind, params):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_totals(totals: Tensor, targets: Tensor, *, warn_ood: bool, n_cols: Optional[int], targets_name: str):
+    """The data checks of a reduced step (LOSS_CONTRACT §2.11), on the host copy of its totals, in the reference's
+    order: the drop-unknown warning from the OOD count, then the label range from the largest label."""
+    if not ok_config.data_checks:
+        return
+    values = totals.tolist()  # a CPU tensor: no device synchronisation
+    if warn_ood and values[codes.TOTAL_N_OOD] > 0:
+        warnings.warn(DROP_UNKNOWN_MESSAGE, UserWarning, stacklevel=5)
+    top = values[codes.TOTAL_MAX_LABEL]
+    if n_cols is not None and top >= n_cols:
+        raise label_out_of_range(targets_name, top, n_cols)
+
+
+def _reduced(x, centers, targets, margin, kind, params, *, warn_ood, n_cols, targets_name, process_group):
+    """The eager C++ step's loss (:func:`~oodkernels.ops.center_ops.run_loss_reduced`) with its data checks, or
+    None where the torch reduction below serves (compiled, traced, CUDA, or a process group's global means)."""
+    if process_group is not None or targets.dim() != 1:
+        return None
+    out, _ = result_dtypes(x)
+    reduced = center_ops.run_loss_reduced(x, centers, targets, margin, kind, params, out)
+    if reduced is None:
+        return None
+    loss, totals = reduced
+    _check_totals(totals, targets, warn_ood=warn_ood, n_cols=n_cols, targets_name=targets_name)
+    return loss
+
+
 def _cac_from(x, centers, targets, alpha, n_cols, checks_on, targets_name, process_group=None):
+    params = (alpha, 0.0, 0.0, 0.0)
+    loss = _reduced(x, centers, targets, None, codes.CAC, params, warn_ood=True, n_cols=n_cols,
+                    targets_name=targets_name, process_group=process_group)  # fmt: skip
+    if loss is not None:
+        return loss
     out, _ = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
     checks.check_labels_below(targets, n_cols, targets_name)
-    values = _values(x, centers, targets, None, codes.CAC, (alpha, 0.0, 0.0, 0.0))
+    values = _values(x, centers, targets, None, codes.CAC, params)
     loss = GlobalCounts(is_id.sum().reshape(1), process_group).mean(masked_sum(values, is_id), 0)
     checks.flush()
     return loss.to(out)
 
 
 def _center_from(x, centers, targets, radius, n_cols, checks_on, process_group=None):
+    params = (radius, 0.0, 0.0, 0.0)
+    loss = _reduced(x, centers, targets, None, codes.CENTER, params, warn_ood=True, n_cols=None,
+                    targets_name="targets", process_group=process_group)  # fmt: skip
+    if loss is not None:
+        return loss
     out, _ = result_dtypes(x)
     checks = DataChecks(checks_on, targets)
     is_id = id_mask_with_warning(targets, checks)
-    values = _values(x, centers, targets, None, codes.CENTER, (radius, 0.0, 0.0, 0.0))
+    values = _values(x, centers, targets, None, codes.CENTER, params)
     counts = GlobalCounts(is_id.sum().reshape(1), process_group)
     loss = counts.mean(masked_sum(values, is_id), 0) / max(n_cols, 1)
     checks.flush()
@@ -100,11 +141,16 @@ def _center_from(x, centers, targets, radius, n_cols, checks_on, process_group=N
 def _mchad_from(x, centers, targets, radius, margin, w_c, w_n, w_o, n_cols, checks_on, targets_name,
                 process_group=None):  # fmt: skip
     out, acc = result_dtypes(x)
+    m = _margin_tensor(margin, x, acc)
+    params = (radius, w_c, w_n, w_o)
+    loss = _reduced(x, centers, targets, m, codes.MCHAD, params, warn_ood=False, n_cols=n_cols,
+                    targets_name=targets_name, process_group=process_group)  # fmt: skip
+    if loss is not None:
+        return loss
     checks = DataChecks(checks_on, targets)
     checks.check_labels_below(targets, n_cols, targets_name)  # MCHAD never warns
     is_id = targets >= 0
-    m = _margin_tensor(margin, x, acc)
-    values = _values(x, centers, targets, m, codes.MCHAD, (radius, w_c, w_n, w_o))
+    values = _values(x, centers, targets, m, codes.MCHAD, params)
     # the ID rows' terms are means, the OOD rows' a sum (pytorch-ood's): W·Σ_local with a group
     counts = GlobalCounts(is_id.sum().reshape(1), process_group)
     loss = counts.mean(masked_sum(values, is_id), 0) + counts.sum(masked_sum(values, ~is_id))
