@@ -703,16 +703,18 @@ void check_assigned(const Tensor& x, const Tensor& centers, const Tensor& index,
       index.scalar_type(),
       " ",
       index.sizes());
-  // an index out of [0, K) would read outside the centers: one scan of B integers rules it out
+  // an index >= K would read outside the centers: one scan of B integers rules it out (a negative index is a
+  // row without a center)
   const Tensor idx = index.contiguous();
   const int64_t* I = idx.const_data_ptr<int64_t>();
   const int64_t K = centers.size(0);
   for (int64_t i = 0; i < index.size(0); ++i) {
-    TORCH_CHECK(I[i] >= 0 && I[i] < K, "oodkernels::", op, ": index[", i, "] = ", I[i], " is not in [0, ", K, ")");
+    TORCH_CHECK(I[i] < K, "oodkernels::", op, ": index[", i, "] = ", I[i], " is not below ", K);
   }
 }
 
-// s_i = Σ_d (x_id − m_{index_i, d})², one pass over the rows, accumulated in ACC, returned in the promoted dtype
+// s_i = Σ_d (x_id − m_{index_i, d})², one pass over the rows, accumulated in ACC, returned in the promoted dtype; a
+// row with a negative index has no center: s_i = 0, its features unread
 Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const Tensor& index) {
   check_assigned(x, centers, index, "cpu_assigned_sq_distances");
   const auto acc = acc_of(x, centers);
@@ -730,8 +732,8 @@ Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const T
     acc_t* O = out.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        O[i] = D == 0 ? acc_t(0)
-                      : at::vec::map2_reduce_all<acc_t>(
+        O[i] = D == 0 || I[i] < 0 ? acc_t(0)
+                                  : at::vec::map2_reduce_all<acc_t>(
                             [](Vec a, Vec b) {
                               const Vec diff = a - b;
                               return diff * diff;
@@ -747,7 +749,8 @@ Tensor cpu_assigned_sq_distances(const Tensor& x, const Tensor& centers, const T
 }
 
 // dX_i = 2·g_i·(x_i − m_{index_i}); dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c), each class's rows summed in row
-// order (a counting sort groups them; one class per task, so no partial sums and no atomics)
+// order (a counting sort groups them; one class per task, so no partial sums and no atomics). A row without a
+// center (negative index) gets dX_i = 0 exactly and adds nothing to dM.
 std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
     const Tensor& grad,
     const Tensor& x,
@@ -779,6 +782,10 @@ std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
       acc_t* GX = gx.mutable_data_ptr<acc_t>();
       at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
+          if (I[i] < 0) {
+            std::fill(GX + i * D, GX + (i + 1) * D, acc_t(0));
+            continue;
+          }
           const Vec scale(acc_t(2) * G[i]);
           at::vec::map2([scale](Vec a, Vec b) { return scale * (a - b); }, GX + i * D, X + i * D, M + I[i] * D, D);
         }
@@ -788,10 +795,14 @@ std::tuple<Tensor, Tensor> cpu_assigned_sq_distances_grads(
     if (need_m) {
       // rows grouped by class, in row order: starts[c] .. starts[c + 1] of `order`
       std::vector<int64_t> starts(K + 1, 0), order(B);
-      for (int64_t i = 0; i < B; ++i) ++starts[I[i] + 1];
+      for (int64_t i = 0; i < B; ++i) {
+        if (I[i] >= 0) ++starts[I[i] + 1];
+      }
       for (int64_t c = 0; c < K; ++c) starts[c + 1] += starts[c];
       std::vector<int64_t> next(starts.begin(), starts.end() - 1);
-      for (int64_t i = 0; i < B; ++i) order[next[I[i]]++] = i;
+      for (int64_t i = 0; i < B; ++i) {
+        if (I[i] >= 0) order[next[I[i]]++] = i;
+      }
       Tensor gm = at::zeros({K, D}, centers.options().dtype(acc));
       acc_t* GM = gm.mutable_data_ptr<acc_t>();
       at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {

@@ -267,11 +267,42 @@ def test_assigned_sq_distances_index_out_of_range(monkeypatch, backend):
     x, centers = features(4, 3), features(2, 3, seed=2)
     index = torch.tensor([0, 2, 1, 0])
     if backend == "cpp":
-        with pytest.raises(RuntimeError, match=r"index\[1\] = 2 is not in \[0, 2\)"):
+        with pytest.raises(RuntimeError, match=r"index\[1\] = 2 is not below 2"):
             assigned(x, centers, index)
         return
     value = assigned(x, centers, index)
     assert value[1].isnan() and not value[[0, 2, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assigned_sq_distances_rows_without_a_center(monkeypatch, backend, dtype):
+    """A negative index (II's OOD rows) gives 0 and exactly 0 gradient, the row unread: NaN and inf features there
+    change neither the other rows nor dM, on every backend and in the reference."""
+    use_backend(monkeypatch, backend)
+    index = torch.tensor([1, -1, 0, -3, 2, -1, 1])
+    x = features(7, 19, dtype=dtype, seed=21)
+    x[1] = float("nan")
+    x[3] = float("inf")
+    x[5, 4] = float("-inf")
+    centers = features(3, 19, dtype=dtype, seed=22)
+    go = torch.linspace(-1.0, 2.0, 7, dtype=dtype)
+    finite = index >= 0
+    for fn in (assigned, ref_centers.assigned_sq_distances):
+        a, c = x.clone().requires_grad_(), centers.clone().requires_grad_()
+        value = fn(a, c, index)
+        value.backward(go)
+        assert torch.equal(value[~finite], torch.zeros(3, dtype=dtype)), fn
+        assert torch.equal(a.grad[~finite], torch.zeros(3, 19, dtype=dtype)), fn
+        assert value.isfinite().all() and a.grad.isfinite().all() and c.grad.isfinite().all(), fn
+        # the assigned rows alone give the same values and dM
+        a2, c2 = x[finite].clone().requires_grad_(), centers.clone().requires_grad_()
+        alone = ref_centers.assigned_sq_distances(a2, c2, index[finite])
+        alone.backward(go[finite])
+        tol = FP32 if dtype == torch.float32 else (1e-12, 1e-12)
+        testing.assert_close(value[finite], alone.detach(), atol=tol[0], rtol=tol[1])
+        testing.assert_close(a.grad[finite], a2.grad, atol=tol[0], rtol=tol[1])
+        testing.assert_close(c.grad, c2.grad, atol=tol[0], rtol=tol[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -279,7 +310,7 @@ def test_assigned_sq_distances_gradcheck_opcheck_compile(monkeypatch, compile_re
     from torch.library import opcheck
 
     use_backend(monkeypatch, backend)
-    index = torch.tensor([1, 0, 1, 3, 3, 0])
+    index = torch.tensor([1, 0, -1, 3, 3, 0])
     x = features(6, 5, dtype=torch.float64, seed=16).requires_grad_()
     centers = features(4, 5, dtype=torch.float64, seed=17).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, c: assigned(a, c, index), (x, centers))

@@ -51,7 +51,8 @@ calls = []
 for op in (
     "cpu_row_loss_reduced_step", "cpu_center_sq_distances", "cpu_center_sq_distances_grads",
     "cpu_center_loss_fwd", "cpu_center_loss_bwd", "cpu_assigned_sq_distances", "cpu_assigned_sq_distances_grads",
-    "cpu_center_sq_distances_step", "cpu_center_loss_step", "cpu_assigned_sq_distances_step",
+    "cpu_center_sq_distances_step", "cpu_center_loss_step", "cpu_center_loss_reduced_step",
+    "cpu_assigned_sq_distances_step",
 ):
     original = getattr(torch.ops.oodkernels, op)
 
@@ -90,8 +91,9 @@ ref_grads = torch.autograd.grad(ref_loss, (ref_z, *reference.parameters()))
 testing.assert_close(loss, ref_loss, atol=1e-5, rtol=5e-4)
 for got, expected in zip(grads, ref_grads):
     testing.assert_close(got, expected, atol=1e-5, rtol=5e-4)
-# eager: each op and its backward in one C++ autograd function (the backward runs inside it, unseen by the spies)
-assert calls == ["cpu_center_sq_distances_step", "cpu_center_loss_step"], calls
+# eager: each op and its backward in one C++ autograd function (the backward runs inside it, unseen by the spies);
+# the criterion's reduction runs in its step
+assert calls == ["cpu_center_sq_distances_step", "cpu_center_loss_reduced_step"], calls
 
 # II: the intra-class spread and the class-mean distances, gradients for the features
 calls.clear()

@@ -575,34 +575,38 @@ def _assigned_sq_distances_kernel(
 ):
     """``BLOCK_B`` rows of ``s_i = Σ_d (x_id − m_{index_i, d})²`` (forward), or of ``dX_i = 2·g_i·(x_i − m_{index_i})``.
 
-    An index outside [0, K) reads no center (the load is masked) and gives NaN: a GPU kernel cannot raise, and
-    no number is made up for it.
+    A negative index is a row without a center: ``s_i = 0`` and ``dX_i = 0``, its features never loaded (a
+    non-finite value there stays out). An index >= K reads no center (the load is masked) and gives NaN: a GPU
+    kernel cannot raise, and no number is made up for it.
     """
     ACC: tl.constexpr = tl.float64 if USE_FP64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < n_rows
     idx = tl.load(Index + rows, mask=row_mask, other=0)
-    valid = (idx >= 0) & (idx < n_centers)
+    assigned = idx >= 0
+    valid = assigned & (idx < n_centers)
     if WITH_GRAD:
         scale = 2.0 * tl.load(Grad + rows * stride_g, mask=row_mask, other=0.0).to(ACC)
-        scale = tl.where(valid, scale, float("nan"))
+        scale = tl.where(valid | ~assigned, scale, float("nan"))
     else:
         total = tl.zeros([BLOCK_B], ACC)
     for d0 in range(0, n_dim, BLOCK_D):
         dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         tile = row_mask[:, None] & (dd < n_dim)[None, :]
-        xb = tl.load(X + rows[:, None] * stride_x_b + dd[None, :] * stride_x_d, mask=tile, other=0.0).to(ACC)
+        xb = tl.load(
+            X + rows[:, None] * stride_x_b + dd[None, :] * stride_x_d, mask=tile & assigned[:, None], other=0.0
+        ).to(ACC)
         mb = tl.load(
             M + idx[:, None] * stride_m_k + dd[None, :] * stride_m_d, mask=tile & valid[:, None], other=0.0
         ).to(ACC)
-        diff = xb - mb
+        diff = xb - mb  # 0 on a row without a center
         if WITH_GRAD:
             out = (scale[:, None] * diff).to(Out.dtype.element_ty)
             tl.store(Out + rows[:, None] * stride_o_b + dd[None, :] * stride_o_d, out, mask=tile)
         else:
             total += tl.sum(diff * diff, axis=1)
     if not WITH_GRAD:
-        total = tl.where(valid, total, float("nan"))
+        total = tl.where(valid | ~assigned, total, float("nan"))
         tl.store(Out + rows * stride_o_b, total.to(Out.dtype.element_ty), mask=row_mask)
 
 

@@ -18,7 +18,9 @@ Schemas (the C++ backend implements the same ones for CPU tensors; tensors, ints
 ``assigned_sq_distances(x, centers, index) -> Tensor``
     (B, D), (K, D), (B,) int64 in [0, K) -> (B,) ``s_i = Σ_d (x_id − m_{index_i, d})²`` by differences (II's
     intra-class spread; no expansion, no clamp), accumulated in fp32 (fp64 when either input is fp64) and
-    returned in the promoted dtype. One pass over X; differentiable in ``x`` and ``centers``.
+    returned in the promoted dtype. One pass over X; differentiable in ``x`` and ``centers``. A negative index
+    is a row without a center (II's OOD rows): ``s_i = 0``, ``dX_i = 0``, its features never read; an index
+    >= K raises on the C++ backend and gives NaN in Triton.
 ``assigned_sq_distances_grads(grad, x, centers, index, need_x, need_m) -> (dX, dM)``
     ``dX_i = 2·g_i·(x_i − m_{index_i})``, ``dM_c = −2·Σ_{i: index_i = c} g_i·(x_i − m_c)`` in the inputs'
     dtypes ((0,) for an input that needs no gradient). ``dM`` sums each class's rows in row order (rows

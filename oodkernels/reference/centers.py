@@ -44,12 +44,18 @@ def sq_distances(x: Tensor, y: Tensor, out_dtype: Optional[torch.dtype] = None) 
 def assigned_sq_distances(x: Tensor, centers: Tensor, index: Tensor) -> Tensor:
     """Squared distance of each row to its own center, summed over the differences (not the expansion).
 
-    ``s_i = Σ_d (x_id − m_{index_i, d})²``; (B, D) features, (K, D) centers, (B,) int64 indices in [0, K)
-    -> (B,) in the promoted dtype of ``x`` and ``centers``. II's intra-class spread
-    (``‖z_i − μ_{y_i}‖²``, LOSS_CONTRACT §3.13), where no clamp and no cancellation of the expansion belong.
-    No checks: the caller owns the indices' range.
+    ``s_i = Σ_d (x_id − m_{index_i, d})²``; (B, D) features, (K, D) centers, (B,) int64 indices in [0, K), or
+    negative for a row without a center: its ``s_i`` is 0 and no gradient reaches it (its features are never
+    read, so a non-finite value there stays out of the result and the gradients) -> (B,) in the promoted dtype of
+    ``x`` and ``centers``. II's intra-class spread (``‖z_i − μ_{y_i}‖²``, LOSS_CONTRACT §3.13), where no clamp
+    and no cancellation of the expansion belong; its OOD rows have no center. No checks: the caller owns the
+    indices' range.
     """
-    return (x - centers.index_select(0, index)).pow(2).sum(1)
+    assigned = index >= 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    rows = torch.where(assigned.unsqueeze(1), x, zero)  # an unassigned row is never read, not multiplied by 0
+    spread = (rows - centers.index_select(0, index.clamp(min=0))).pow(2).sum(1)
+    return torch.where(assigned, spread, torch.zeros((), dtype=spread.dtype, device=spread.device))
 
 
 def pairwise_distances(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -106,7 +112,9 @@ def class_means(
 
     :param x: (N, D) embeddings
     :param targets: (N,) labels in ``[0, n_classes)`` where ``valid`` (other rows are ignored)
-    :param valid: (N,) boolean mask of the rows to use; default all
+    :param valid: (N,) boolean mask of the rows to use; default all. The other rows are never read (they are
+        summed into a spare class that is dropped), so non-finite values there reach neither the means nor the
+        gradients, and their gradient is exactly 0
     :param dtype: dtype of the sums (default ``x.dtype``)
     :param process_group: optional ``torch.distributed`` group: the class sums and counts are summed over it
         (one all-reduce, differentiable: its backward sums the gradients of the sums over the group too), so
@@ -117,12 +125,11 @@ def class_means(
     dtype = x.dtype if dtype is None else dtype
     xs = x.to(dtype)
     index = targets.long().clamp(0, max(n_classes - 1, 0))
-    weight = torch.ones(targets.shape, dtype=dtype, device=x.device)
     if valid is not None:
-        weight = valid.to(dtype)
-        xs = xs * weight.unsqueeze(1)
-    sums = torch.zeros((n_classes, x.shape[1]), dtype=dtype, device=x.device).index_add(0, index, xs)
-    counts = torch.zeros((n_classes,), dtype=dtype, device=x.device).index_add(0, index, weight)
+        index = torch.where(valid, index, n_classes)  # the spare class, sliced off below
+    ones = torch.ones(targets.shape, dtype=dtype, device=x.device)
+    sums = torch.zeros((n_classes + 1, x.shape[1]), dtype=dtype, device=x.device).index_add(0, index, xs)[:n_classes]
+    counts = torch.zeros((n_classes + 1,), dtype=dtype, device=x.device).index_add(0, index, ones)[:n_classes]
     if process_group is not None:
         packed = differentiable_sum_over_group(torch.cat([sums.flatten(), counts]), process_group)
         sums, counts = packed[: sums.numel()].reshape(sums.shape), packed[sums.numel() :]

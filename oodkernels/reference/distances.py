@@ -561,8 +561,9 @@ class IILoss(nn.Module):
         checks.check_labels_below(target, n_classes, "target")
         usable = is_id & (target < n_classes)  # labels >= C (checks off) give NaN below, not a wrong class
 
-        # OOD rows are zeroed before anything reads them, so their gradient is exactly 0
-        xs = torch.where(usable.unsqueeze(1), x.to(acc), zero)
+        # OOD rows are never read (class_means sums them into a dropped class, the spread gives them no center),
+        # so their gradient is exactly 0 even where they are not finite
+        xs = x.to(acc)
         means, counts = class_means(xs, target, n_classes, valid=usable, dtype=acc, process_group=self.process_group)
         present = counts > 0
         if self.training:
@@ -571,7 +572,7 @@ class IILoss(nn.Module):
         else:
             mu = self.running_centers.running_centers.to(acc)
 
-        index = target.long().clamp(0, max(n_classes - 1, 0))
+        index = torch.where(usable, target.long(), -1)
         spread = self._assigned_sq_distances_fn(xs, mu, index)
         spread = torch.where(is_id & ~usable, torch.full_like(spread, float("nan")), spread)
         if self.process_group is None:
