@@ -402,20 +402,27 @@ struct GradSummary {
     col_partials = col_totals.mutable_data_ptr<acc_t>();
   }
 
-  // row i of G (contiguous, in L1 right after its write): its nonzeros, its sum, its entries added to this
-  // thread's column sums. Inside at::parallel_for only.
-  void add_row(int64_t i, const acc_t* row) {
+  // this thread's column sums (K,): inside at::parallel_for only, read once per task
+  acc_t* thread_cols() const {
+    return col_partials + int64_t(at::get_thread_num()) * K;
+  }
+
+  // row i of G (contiguous, in L1 right after its write): its nonzeros, its sum, its entries added to `cols`
+  // (thread_cols())
+  void add_row(int64_t i, const acc_t* row, acc_t* cols) {
     using Vec = at::vec::Vectorized<acc_t>;
-    acc_t* cols = col_partials + int64_t(at::get_thread_num()) * K;
-    Vec total(acc_t(0));
     int64_t nnz = 0, c = 0;
-    for (; c + Vec::size() <= K; c += Vec::size()) {
-      const Vec v = Vec::loadu(row + c);
-      total = total + v;
-      (Vec::loadu(cols + c) + v).store(cols + c);
-      nnz += Vec::size() - __builtin_popcount(v.zero_mask());
+    acc_t sum = 0;
+    if (K >= Vec::size()) {  // fewer centers (DeepSVDD: one) take the scalar loop alone: no horizontal sum
+      Vec total(acc_t(0));
+      for (; c + Vec::size() <= K; c += Vec::size()) {
+        const Vec v = Vec::loadu(row + c);
+        total = total + v;
+        (Vec::loadu(cols + c) + v).store(cols + c);
+        nnz += Vec::size() - __builtin_popcount(v.zero_mask());
+      }
+      sum = hsum(total);
     }
-    acc_t sum = hsum(total);
     for (; c < K; ++c) {
       sum += row[c];
       cols[c] += row[c];
@@ -443,7 +450,8 @@ GradSummary<acc_t> summarize(const Tensor& G) {
   const acc_t* P = G.const_data_ptr<acc_t>();
   GradSummary<acc_t> summary(B, K, G.scalar_type());
   at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) summary.add_row(i, P + i * K);
+    acc_t* cols = summary.thread_cols();
+    for (int64_t i = begin; i < end; ++i) summary.add_row(i, P + i * K, cols);
   });
   summary.finish();
   return summary;
@@ -502,7 +510,24 @@ std::tuple<Tensor, Tensor> gradient_products(
   }
   const acc_t* X = xa.const_data_ptr<acc_t>();
   const acc_t* M = ma.const_data_ptr<acc_t>();
-  if (need_x) {
+  if (need_x && takes_one_center_pass<acc_t>(K, D)) {
+    // one center, rows of at least one vector (DeepSVDD/SAD): dX_i = 2·g_i·(x_i − μ), one pass per row; the
+    // forward's one-center pass is within rounding of the reference too, not bitwise
+    Tensor gx = at::empty({B, D}, x.options().dtype(acc));
+    acc_t* GX = gx.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain(D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* out = GX + i * D;
+        if (O[i] == acc_t(0)) {
+          std::fill(out, out + D, acc_t(0));  // the clamp or the loss stopped it: NaN features stay out
+          continue;
+        }
+        const Vec scale(acc_t(2) * O[i]);
+        at::vec::map2([scale](Vec xv, Vec m) { return scale * (xv - m); }, out, X + i * D, M, D);
+      }
+    });
+    grad_x = in_dtype(gx, x.scalar_type());
+  } else if (need_x) {
     // every row is written whole (no zero fill of the (B, D) output first): 2·rowsum(G)_i·x_i, then the
     // nonzeros' −2·g·m_c
     Tensor gx = at::empty({B, D}, x.options().dtype(acc));
@@ -621,6 +646,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const bool dense_rows = s1 == 1 && t1 == 1;
     at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
       const Vec zero_vec(acc_t(0));
+      acc_t* cols = summary.thread_cols();
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row = O + i * K;
         char zero = 0;
@@ -638,7 +664,7 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
           zero |= dv == acc_t(0);
         }
         row_has_zero[i] = zero;
-        summary.add_row(i, row);
+        summary.add_row(i, row, cols);
       }
     });
     summary.finish();
