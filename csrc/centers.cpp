@@ -39,6 +39,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -956,14 +957,21 @@ inline void forward_row(
     *value = l.is_id ? center_term(d_y, p.p0, l.has_target, K).first : acc_t(0);
   } else {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    // lse(−d) in two passes over the row (it is in L1), and the OOD push Σ relu(m² − d²)
+    // lse(−d) in two passes over the row (it is in L1), and an OOD row's push Σ relu(m² − d²)
     Vec vmax(neg_inf), push(acc_t(0));
     const Vec msq(p.m_sq);
-    for_each_chunk<acc_t, true>(K, [&](int64_t c, int64_t n, const Vec& valid) {
-      const Vec d = dist(c, n);
-      vmax = at::vec::maximum(vmax, Vec::blendv(Vec(neg_inf), zero - d, valid));
-      push = push + (at::vec::maximum(msq - d * d, zero) & valid);
-    });
+    auto first_pass = [&](auto with_push) {
+      for_each_chunk<acc_t, true>(K, [&](int64_t c, int64_t n, const Vec& valid) {
+        const Vec d = dist(c, n);
+        vmax = at::vec::maximum(vmax, Vec::blendv(Vec(neg_inf), zero - d, valid));
+        if constexpr (decltype(with_push)::value) push = push + (at::vec::maximum(msq - d * d, zero) & valid);
+      });
+    };
+    if (l.is_ood) {
+      first_pass(std::true_type{});
+    } else {
+      first_pass(std::false_type{});
+    }
     const acc_t mx = hmax(vmax);
     const Vec shift(mx == neg_inf ? acc_t(0) : mx);
     Vec sum(acc_t(0));
