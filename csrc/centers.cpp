@@ -638,37 +638,54 @@ std::tuple<Tensor, Tensor> cpu_center_sq_distances_grads(
     const acc_t* GI = go.const_data_ptr<acc_t>();
     const acc_t* DI = d.const_data_ptr<acc_t>();
     const int64_t s0 = go.stride(0), s1 = go.stride(1), t0 = d.stride(0), t1 = d.stride(1);
-    Tensor G = scratch(SCRATCH_MASKED_GRAD, {B, K}, acc);  // read by the products below, never returned
-    acc_t* O = G.mutable_data_ptr<acc_t>();
-    std::vector<char> row_has_zero(B, 0);
+    std::vector<char> row_has_zero(B, 0), row_masked(B, 0);
     GradSummary<acc_t> summary(B, K, acc);
     std::vector<int64_t>& row_nnz = summary.row_nnz;
-    // 1. the mask from d, one pass over the rows (vectorised where both rows are contiguous)
+    // 1. the mask from d, one pass over the rows (vectorised where both rows are contiguous): each masked row
+    // G_i· = grad_i·1[d_i· > 0] goes through a row buffer into the summary, and is only written out below if some
+    // entry was masked (d = 0, or NaN): a training step's distances are positive, and G is then grad itself
     const bool dense_rows = s1 == 1 && t1 == 1;
     at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
       const Vec zero_vec(acc_t(0));
       acc_t* cols = summary.thread_cols();
+      std::vector<acc_t> buffer(K);
+      acc_t* row = buffer.data();
       for (int64_t i = begin; i < end; ++i) {
-        acc_t* row = O + i * K;
-        char zero = 0;
+        char zero = 0, masked = 0;
         int64_t c = 0;
         if (dense_rows) {
           for (; c + Vec::size() <= K; c += Vec::size()) {
             const Vec dv = Vec::loadu(DI + i * t0 + c);
-            Vec::blendv(zero_vec, Vec::loadu(GI + i * s0 + c), dv > zero_vec).store(row + c);
+            const Vec passes = dv > zero_vec;
+            Vec::blendv(zero_vec, Vec::loadu(GI + i * s0 + c), passes).store(row + c);
             zero |= dv.zero_mask() != 0;
+            masked |= passes.zero_mask() != 0;  // a lane of `passes` is all ones or 0
           }
         }
         for (; c < K; ++c) {
           const acc_t dv = DI[i * t0 + c * t1];
           row[c] = dv > acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
           zero |= dv == acc_t(0);
+          masked |= !(dv > acc_t(0));
         }
         row_has_zero[i] = zero;
+        row_masked[i] = masked;
         summary.add_row(i, row, cols);
       }
     });
     summary.finish();
+    const bool any_masked = std::any_of(row_masked.begin(), row_masked.end(), [](char z) { return z != 0; });
+    Tensor G = go;
+    if (any_masked || !go.is_contiguous()) {
+      G = scratch(SCRATCH_MASKED_GRAD, {B, K}, acc);  // read by the products below, never returned
+      acc_t* O = G.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          for (int64_t c = 0; c < K; ++c) O[i * K + c] = DI[i * t0 + c * t1] > acc_t(0) ? GI[i * s0 + c * s1] : acc_t(0);
+        }
+      });
+    }
+    acc_t* O = G.data_ptr<acc_t>();  // written below only where G is the masked copy (rows with a zero)
     // 2. the exact zeros: raw recomputed as the forward computed it (bitwise), row by row on the one-center pass,
     // else per forward chunk of rows that holds one
     const bool any_zero = std::any_of(row_has_zero.begin(), row_has_zero.end(), [](char z) { return z != 0; });
