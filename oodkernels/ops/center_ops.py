@@ -50,10 +50,11 @@ The launcher module imports triton, so it is imported by the first Triton call; 
 statistics count come from the triton-free :mod:`oodkernels.kernels.codes`, so this module (and with it the C++
 path) imports where triton is not installed.
 
-The callers in :mod:`oodkernels.ops.centers` go through :func:`run_sq_distances`, :func:`run_loss_values` and
-:func:`run_assigned_sq_distances`: eager calls on the C++ backend take the C++ autograd steps
-(``oodkernels::cpu_center_sq_distances_step`` / ``cpu_center_loss_step`` / ``cpu_assigned_sq_distances_step``,
-the same operators with their backward registered in C++, csrc/centers.cpp), everything else these custom ops.
+The callers in :mod:`oodkernels.ops.centers` go through :func:`run_sq_distances`, :func:`run_loss_values`,
+:func:`run_loss_reduced` and :func:`run_assigned_sq_distances`: eager calls on the C++ backend take the C++
+autograd steps (``oodkernels::cpu_center_sq_distances_step`` / ``cpu_center_loss_step`` /
+``cpu_center_loss_reduced_step`` / ``cpu_assigned_sq_distances_step``, the same operators with their backward
+registered in C++, csrc/centers.cpp; the reduced step also reduces), everything else these custom ops.
 
 ``block_* = 0`` picks the launch heuristic; tests force small blocks (multi-tile paths) with
 :func:`forced_blocks`. TF32 for fp32 ``tl.dot`` is opt-in through :func:`tf32_dot` (about 1e-3 relative

@@ -4,7 +4,10 @@ Each function has the signature, checks, warnings, errors and dtypes of its refe
 :mod:`oodkernels.reference.centers` / :mod:`oodkernels.reference.distances`: the metadata checks, the ID mask
 with its drop-unknown warning and the queued data checks come from the reference; the distances and the
 per-row terms run in the kernels (:mod:`oodkernels.ops.center_ops`); the reduction is the reference's
-(device-side normalisers, an attached 0 without ID rows); the data checks are read once, at the end.
+(device-side normalisers, an attached 0 without ID rows); the data checks are read once, at the end. Eager
+calls on the C++ backend without a process group run the whole criterion, reduction and data-check values
+included, in one C++ autograd step (:func:`~oodkernels.ops.center_ops.run_loss_reduced`); they then read the
+step's totals for the same warnings and errors.
 
 ==========================  ===================================================================================
 ``sq_distances``            (B, D), (K, D) -> (B, K) clamped expansion (the hook of every ``distance()``)
