@@ -235,10 +235,12 @@ def center_criterion(namespace, case):
     module = getattr(namespace, case.criterion)(**criterion_kwargs(case))
     takes_distances = case.criterion in ("CACLoss", "CenterLoss", "MCHADLoss")
 
+    placed_on = []  # the device the module was moved to: checked per call, without a state_dict per step
+
     def fn(z, y):
-        state = next(iter(module.state_dict().values()))
-        if state.device != z.device:
+        if placed_on != [z.device]:
             module.to(z.device)
+            placed_on[:] = [z.device]
         return module(module.distance(z), y) if takes_distances else module(z, y)
 
     return fn
